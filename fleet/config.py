@@ -1,0 +1,123 @@
+"""Configuration: one pydantic-settings model, read from `FLEET_*` environment variables and a
+TOML file (`--config FILE` or `FLEET_CONFIG`).
+
+Precedence, highest first: explicit arguments, environment, the TOML file, defaults. Nested
+sections use `__` in the environment: `FLEET_BROKER__PORT=8883`.
+"""
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+def default_home() -> Path:
+    """Model store and runtime state; `FLEET_HOME` overrides ~/.cache/fleet."""
+    return Path(os.environ.get("FLEET_HOME", Path.home() / ".cache" / "fleet"))
+
+
+class BrokerSettings(BaseModel):
+    """How a client reaches the MQTT broker."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_s: int = Field(30, ge=5, le=3600)
+
+
+class ServerSettings(BaseModel):
+    """Verification server knobs."""
+
+    server_id: str = "server-1"
+    target_model: str = "qwen2.5-coder-1.5b"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "cpu"
+    k_max: int = Field(8, ge=1, le=64)
+    batch_window_ms: float = Field(5.0, ge=0, le=1000)
+    idle_timeout_s: float = Field(60.0, gt=0)
+    max_sessions: int = Field(64, ge=1)
+    memory_budget_mb: float = Field(4096, gt=0)
+
+
+class DeviceSettings(BaseModel):
+    """Board agent knobs."""
+
+    device_id: str = "board-1"
+    draft_model: str = "qwen2.5-coder-0.5b"
+    k_max: int = Field(8, ge=1, le=64)
+    threshold: float = Field(0.3, ge=0, le=1)
+    top_k: int = Field(32, ge=1, le=1024)
+    verdict_timeout_s: float = Field(30.0, gt=0)
+    max_concurrent_requests: int = Field(4, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything a `fleet` process can be told."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLEET_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    home: Path = Field(default_factory=default_home)
+    topic_root: str = "sled/v1"
+    log_level: str = "info"
+    log_format: Literal["console", "json"] = "console"
+    broker: BrokerSettings = BrokerSettings()
+    server: ServerSettings = ServerSettings()
+    device: DeviceSettings = DeviceSettings()
+
+    @field_validator("topic_root")
+    @classmethod
+    def _topic_root_is_plain(cls, value: str) -> str:
+        if not value or any(c in value for c in "#+$") or value.startswith("/") or value.endswith("/"):
+            raise ValueError("topic_root must be a plain topic prefix such as 'sled/v1'")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from defaults < TOML file < environment < `overrides`.
+
+    The TOML file is read here rather than as a settings source so that a missing or
+    malformed file is a clear error naming the file.
+    """
+    path = config_file or (Path(os.environ["FLEET_CONFIG"]) if os.environ.get("FLEET_CONFIG") else None)
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            file_values = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ValueError(f"configuration file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"configuration file {path} is not valid TOML: {exc}") from exc
+    env_values = Settings().model_dump(exclude_unset=True)
+    merged = _deep_merge(_deep_merge(file_values, env_values), overrides)
+    return Settings.model_validate(merged)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

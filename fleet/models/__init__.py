@@ -1,0 +1,1 @@
+"""Model store: the catalog of known models, offline pulls, conversion and tiny test models."""
