@@ -52,6 +52,7 @@ class DeviceSettings(BaseModel):
 
     device_id: str = "board-1"
     draft_model: str = "qwen2.5-coder-0.5b"
+    hardware: str = "unknown"
     k_max: int = Field(8, ge=1, le=64)
     threshold: float = Field(0.3, ge=0, le=1)
     top_k: int = Field(32, ge=1, le=1024)

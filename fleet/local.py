@@ -1,0 +1,166 @@
+"""A whole fleet on this machine: broker, verification server(s) and boards, in one process.
+
+The demo, the integration tests and the benchmarks all need the same thing: a real Mosquitto
+with passwords and ACL, a server and N boards that talk only through it, and an app client.
+Components run as threads (torch and onnxruntime release the GIL while they compute); each
+connects to the broker with its own identity exactly as a separate process would.
+"""
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from broker.process import LocalBroker, prepare_local_broker
+from device.agent import BoardAgent
+from fleet.app import AppClient
+from fleet.config import DeviceSettings, ServerSettings, Settings
+from fleet.mqtt import FleetClient, make_client
+from fleet.protocol import DeviceStatus, ProtocolError, ServerStatus, Topics, decode_json
+from server.engine import Engine
+from server.service import VerificationService
+
+APP_ID = "app"
+OBSERVER_ID = "ops"
+
+
+@dataclass(frozen=True)
+class FleetModels:
+    """The target checkpoint the server loads and the exported ONNX draft the boards load."""
+
+    target_name: str
+    target_dir: Path
+    draft_dir: Path
+
+
+@dataclass
+class LocalFleet:
+    """Start with `with LocalFleet(...) as fleet:`; `fleet.app` then requests generations."""
+
+    models: FleetModels
+    workdir: Path
+    devices: list[str]
+    servers: list[str] = field(default_factory=lambda: ["server-1"])
+    server: ServerSettings = field(default_factory=ServerSettings)
+    device: DeviceSettings = field(default_factory=DeviceSettings)
+    tls: bool = True
+    ready_timeout_s: float = 60.0
+
+    broker: LocalBroker = field(init=False)
+    services: dict[str, VerificationService] = field(init=False, default_factory=dict)
+    agents: dict[str, BoardAgent] = field(init=False, default_factory=dict)
+    app: AppClient = field(init=False)
+    _app_client: FleetClient = field(init=False)
+    _threads: list[threading.Thread] = field(init=False, default_factory=list)
+
+    def __enter__(self) -> Self:
+        self.broker = prepare_local_broker(
+            self.workdir / "broker",
+            devices=self.devices,
+            servers=self.servers,
+            apps=[APP_ID],
+            observers=[OBSERVER_ID],
+            tls=self.tls,
+        )
+        self.broker.process.start()
+        try:
+            self._start_components()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def settings(self, identity: str, **sections: object) -> Settings:
+        return Settings(
+            home=self.workdir / "home",
+            topic_root=self.broker.credentials.topic_root,
+            broker=self.broker.settings(identity),
+            **sections,
+        )
+
+    def _start_components(self) -> None:
+        for server_id in self.servers:
+            self.start_server(server_id)
+        for device_id in self.devices:
+            self.start_device(device_id)
+        self._app_client = make_client(f"{APP_ID}-client", self.broker.settings(APP_ID))
+        self._app_client.connect_and_wait()
+        self.app = AppClient(self._app_client, Topics(self.broker.credentials.topic_root))
+        self.wait_online(set(self.servers), set(self.devices))
+
+    def start_server(self, server_id: str) -> VerificationService:
+        server = self.server.model_copy(update={"server_id": server_id})
+        engine = Engine(
+            self.models.target_dir,
+            dtype=server.dtype,
+            device=server.device,
+            k_max=server.k_max,
+            memory_budget_bytes=int(server.memory_budget_mb * 2**20),
+            max_sessions=server.max_sessions,
+        )
+        service = VerificationService(self.settings(server_id, server=server), engine, self.models.target_name)
+        self.services[server_id] = service
+        self._spawn(service.run, f"server-{server_id}")
+        return service
+
+    def start_device(self, device_id: str) -> BoardAgent:
+        device = self.device.model_copy(update={"device_id": device_id})
+        agent = BoardAgent(self.settings(device_id, device=device), self.models.draft_dir)
+        self.agents[device_id] = agent
+        self._spawn(agent.run, f"device-{device_id}")
+        return agent
+
+    def _spawn(self, target: object, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def wait_online(self, servers: set[str], devices: set[str]) -> None:
+        """Block until every named component has published an online status (so that its
+        subscriptions are in place before the first request)."""
+        observer = make_client(f"{OBSERVER_ID}-ready", self.broker.settings(OBSERVER_ID))
+        online: set[str] = set()
+        event = threading.Event()
+        wanted = {f"server:{s}" for s in servers} | {f"device:{d}" for d in devices}
+
+        def on_message(client: object, userdata: object, message: object) -> None:
+            try:
+                model = ServerStatus if "/servers/" in message.topic else DeviceStatus
+                status = decode_json(model, bytes(message.payload))
+            except ProtocolError:
+                return
+            if status.online:
+                online.add(f"{status.kind}:{status.id}")
+            if wanted <= online:
+                event.set()
+
+        topics = Topics(self.broker.credentials.topic_root)
+        observer.on_message = on_message
+        observer.connect_and_wait()
+        observer.subscribe([(topics.all_server_status(), 1), (topics.all_device_status(), 1)])
+        try:
+            if not event.wait(self.ready_timeout_s):
+                raise TimeoutError(f"not online after {self.ready_timeout_s:.0f} s: {sorted(wanted - online)}")
+        finally:
+            observer.disconnect()
+            observer.loop_stop()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        for service in self.services.values():
+            service.stop()
+        deadline = time.monotonic() + 10
+        for thread in self._threads:
+            thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        if hasattr(self, "_app_client"):
+            self._app_client.disconnect()
+            self._app_client.loop_stop()
+        self.broker.process.stop()

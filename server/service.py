@@ -1,0 +1,320 @@
+"""The verification service: MQTT in, one batched verification, verdicts out.
+
+Threads: paho's network thread only enqueues raw messages (a callback that raised would kill
+it). One scheduler thread owns the engine: it drains everything pending, waits up to the batch
+window for more while the batch is short, decodes and validates, opens new sessions, verifies
+all ready drafts in one forward pass, and publishes the verdicts.
+"""
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as mqtt
+import structlog
+
+from fleet import __version__
+from fleet.config import Settings
+from fleet.logging import get_logger
+from fleet.mqtt import Will, make_client
+from fleet.protocol import (
+    DraftMessage,
+    ProtocolError,
+    ServerStatus,
+    Topics,
+    VerdictMessage,
+    decode_draft,
+    encode,
+)
+from server.engine import DraftProposal, Engine, Verdict
+
+STATUS_PERIOD_S = 5.0
+
+
+@dataclass
+class Inbound:
+    topic: str
+    payload: bytes
+    received: float
+
+
+@dataclass
+class Route:
+    """What the service knows of one session beyond the engine: where verdicts go, and the
+    last verdict, which answers a repeated seq without verifying twice."""
+
+    device: str
+    session: str
+    last_seq: int = -1
+    last_verdict: bytes = b""
+    last_active: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> str:
+        return session_key(self.device, self.session)
+
+
+def session_key(device: str, session: str) -> str:
+    """Engine-wide session id: the device is part of it, so equal session ids from two
+    boards never meet (the broker's ACL guarantees the device level of the topic)."""
+    return f"{device}/{session}"
+
+
+class ServiceStats:
+    """Rolling figures for the status topic."""
+
+    def __init__(self, window: int = 64) -> None:
+        self.batches: deque[tuple[float, int, float, int, int, int]] = deque(maxlen=window)
+
+    def record(self, batch_size: int, verify_s: float, drafted: int, accepted: int, committed: int) -> None:
+        self.batches.append((time.monotonic(), batch_size, verify_s, drafted, accepted, committed))
+
+    def summary(self) -> dict[str, float]:
+        if not self.batches:
+            return {"batch_size_avg": 0.0, "verify_ms_avg": 0.0, "acceptance_rate": 0.0, "committed_tokens_per_s": 0.0}
+        n = len(self.batches)
+        drafted = sum(b[3] for b in self.batches)
+        span = max(self.batches[-1][0] - self.batches[0][0], sum(b[2] for b in self.batches), 1e-9)
+        return {
+            "batch_size_avg": sum(b[1] for b in self.batches) / n,
+            "verify_ms_avg": 1000 * sum(b[2] for b in self.batches) / n,
+            "acceptance_rate": sum(b[4] for b in self.batches) / drafted if drafted else 0.0,
+            "committed_tokens_per_s": sum(b[5] for b in self.batches) / span,
+        }
+
+
+class VerificationService:
+    """One verification server on the broker; `run()` blocks until `stop()`."""
+
+    def __init__(self, settings: Settings, engine: Engine, target_name: str) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.target_name = target_name
+        self.server_id = settings.server.server_id
+        self.topics = Topics(settings.topic_root)
+        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        self.routes: dict[str, Route] = {}
+        self.stats = ServiceStats()
+        self.log = get_logger(server=self.server_id)
+        self._stopping = threading.Event()
+        self._last_status = 0.0
+        self.client = make_client(
+            f"server-{self.server_id}",
+            settings.broker,
+            will=Will(
+                topic=self.topics.server_status(self.server_id),
+                payload=encode(ServerStatus(id=self.server_id, online=False), binary=False),
+            ),
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+
+    # --- network thread: enqueue only ---------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, properties: object) -> None:
+        """Subscriptions are renewed on every (re)connect: Mosquitto 2.0.11 does not restore
+        shared subscriptions of a resumed session, and a clean start has none."""
+        client.subscribe(self.topics.all_opens_shared(), qos=1)
+        for route in list(self.routes.values()):
+            client.subscribe(self.topics.draft(route.device, route.session), qos=1)
+        self._last_status = 0.0  # publish a fresh status from the scheduler soon
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        self.inbox.put(Inbound(message.topic, bytes(message.payload), time.monotonic()))
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def run(self) -> None:
+        self.client.connect_and_wait()
+        self.log.info("server_started", target=self.target_name, k_max=self.engine.k_max)
+        try:
+            while not self._stopping.is_set():
+                batch = self._collect()
+                if batch:
+                    self._handle(batch)
+                self._housekeeping()
+        finally:
+            self._publish_status(online=False)
+            self.client.disconnect()
+            self.client.loop_stop()
+            self.log.info("server_stopped")
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    # --- scheduler thread -------------------------------------------------------------------
+    def _collect(self) -> list[Inbound]:
+        """Block briefly for the first message, then take whatever else is pending; while the
+        batch is smaller than the sessions that might send, wait up to the window for more."""
+        try:
+            batch = [self.inbox.get(timeout=0.2)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + self.settings.server.batch_window_ms / 1000
+        while True:
+            try:
+                batch.append(self.inbox.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or len(batch) >= max(1, len(self.routes)):
+                return batch
+            try:
+                batch.append(self.inbox.get(timeout=remaining))
+            except queue.Empty:
+                return batch
+
+    def _handle(self, batch: list[Inbound]) -> None:
+        proposals: list[tuple[Route, DraftMessage]] = []
+        for item in batch:
+            try:
+                device, session, kind = self.topics.parse_session_topic(item.topic)
+            except ValueError:
+                self.log.warning("message_dropped", topic=item.topic, reason="unexpected topic")
+                continue
+            with structlog.contextvars.bound_contextvars(device=device, session=session):
+                accepted = self._admit(device, session, kind, item)
+                if accepted is not None:
+                    proposals.append(accepted)
+        if proposals:
+            self._verify(proposals)
+
+    def _admit(self, device: str, session: str, kind: str, item: Inbound) -> tuple[Route, DraftMessage] | None:
+        """Decode, de-duplicate and open; returns the draft to verify, or None when the
+        message was answered (error, repeat, close) or dropped."""
+        key = session_key(device, session)
+        try:
+            message = decode_draft(item.payload)
+        except ProtocolError as exc:
+            self.log.warning("draft_rejected", code=exc.code, reason=exc.detail, kind=kind)
+            self._send_error(device, session, seq=-1, code=exc.code, detail=exc.detail)
+            return None
+        if message.session != session:
+            self._send_error(device, session, message.seq, "invalid", "session field differs from the topic")
+            return None
+        route = self.routes.get(key)
+        if route is not None and message.seq <= route.last_seq:
+            if message.seq == route.last_seq and route.last_verdict:
+                self.log.info("draft_repeated", seq=message.seq)
+                self.client.publish(self.topics.verdict(device, session), route.last_verdict, qos=1)
+            else:
+                self.log.warning("draft_dropped", seq=message.seq, last_seq=route.last_seq, reason="old seq")
+            return None
+        if message.close:
+            self._close(key)
+            self.log.info("session_closed_by_board", seq=message.seq)
+            return None
+        if message.is_open:
+            if kind != "open":
+                self._send_error(device, session, message.seq, "invalid", "context is only accepted on the open topic")
+                return None
+            if route is not None:
+                self._send_error(device, session, message.seq, "invalid", "session is already open")
+                return None
+            return self._open(device, session, message)
+        if route is None:
+            self._send_error(device, session, message.seq, "unknown_session", "no such session on this server")
+            return None
+        if message.seq != route.last_seq + 1:
+            self._send_error(device, session, message.seq, "out_of_order", f"expected seq {route.last_seq + 1}")
+            return None
+        return route, message
+
+    def _open(self, device: str, session: str, message: DraftMessage) -> tuple[Route, DraftMessage] | None:
+        key = session_key(device, session)
+        assert message.params is not None  # the schema requires params with a context
+        result = self.engine.open(key, message.context, message.params, generated=message.generated)
+        if result.status != "ok":
+            code = "busy" if result.status == "busy" else "invalid"
+            self.log.warning("session_refused", code=code, reason=result.reason)
+            self._send_error(device, session, message.seq, code, result.reason or code)
+            return None
+        route = Route(device=device, session=session, last_seq=message.seq - 1)
+        self.routes[key] = route
+        # Subscribed before the first verdict goes out, so the board's next draft finds us.
+        self.client.subscribe(self.topics.draft(device, session), qos=1)
+        self.log.info("session_opened", context=len(message.context), generated=message.generated)
+        return route, message
+
+    def _verify(self, proposals: list[tuple[Route, DraftMessage]]) -> None:
+        started = time.perf_counter()
+        verdicts = self.engine.verify(
+            [DraftProposal(session_id=route.key, tokens=m.tokens, q=m.q) for route, m in proposals]
+        )
+        elapsed = time.perf_counter() - started
+        drafted = accepted = committed = 0
+        for (route, message), verdict in zip(proposals, verdicts, strict=True):
+            with structlog.contextvars.bound_contextvars(device=route.device, session=route.session):
+                self._publish_verdict(route, message, verdict)
+            if verdict.error_code is None:
+                drafted += len(message.tokens)
+                accepted += verdict.accepted
+                committed += len(verdict.tokens)
+        self.stats.record(len(proposals), elapsed, drafted, accepted, committed)
+        self.log.info("batch_verified", sessions=len(proposals), seconds=round(elapsed, 4), committed=committed)
+
+    def _publish_verdict(self, route: Route, message: DraftMessage, verdict: Verdict) -> None:
+        payload = encode(
+            VerdictMessage(
+                session=route.session,
+                seq=message.seq,
+                server=self.server_id,
+                accepted=verdict.accepted,
+                tokens=list(verdict.tokens),
+                committed_len=verdict.committed_len,
+                finished=verdict.finished,
+                reason=verdict.reason,
+                next_k=self.engine.k_max,
+                error_code=verdict.error_code,
+                error=verdict.error,
+            ),
+            binary=True,
+        )
+        route.last_seq = message.seq
+        route.last_verdict = payload
+        route.last_active = time.monotonic()
+        self.client.publish(self.topics.verdict(route.device, route.session), payload, qos=1)
+        if verdict.error_code is not None:
+            self.log.warning("draft_refused", seq=message.seq, code=verdict.error_code, reason=verdict.error)
+        if verdict.finished:
+            self._close(route.key)
+            self.log.info("session_finished", reason=verdict.reason, committed=verdict.committed_len)
+
+    def _send_error(self, device: str, session: str, seq: int, code: str, detail: str) -> None:
+        payload = encode(
+            VerdictMessage(session=session, seq=seq, server=self.server_id, error_code=code, error=detail),
+            binary=True,
+        )
+        self.client.publish(self.topics.verdict(device, session), payload, qos=1)
+
+    def _close(self, key: str) -> None:
+        route = self.routes.pop(key, None)
+        self.engine.close(key)
+        if route is not None:
+            self.client.unsubscribe(self.topics.draft(route.device, route.session))
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        idle = [r for r in self.routes.values() if now - r.last_active > self.settings.server.idle_timeout_s]
+        for route in idle:
+            with structlog.contextvars.bound_contextvars(device=route.device, session=route.session):
+                self._send_error(route.device, route.session, route.last_seq + 1, "evicted", "idle timeout")
+                self._close(route.key)
+                self.log.info("session_evicted", reason="idle")
+        if now - self._last_status >= STATUS_PERIOD_S:
+            self._publish_status(online=True)
+
+    def _publish_status(self, online: bool) -> None:
+        self._last_status = time.monotonic()
+        status = ServerStatus(
+            id=self.server_id,
+            online=online,
+            target_model=self.target_name,
+            capacity=self.settings.server.max_sessions,
+            sessions=len(self.routes),
+            version=__version__,
+            ts=time.time(),
+            **self.stats.summary(),
+        )
+        self.client.publish(self.topics.server_status(self.server_id), encode(status, binary=False), qos=1, retain=True)
