@@ -38,7 +38,10 @@ class AppClient:
             response = decode_json(GenerationResponse, bytes(message.payload))
         except ProtocolError:
             return
-        mailbox = self._waiting.get(response.request_id or "")
+        # CorrelationData first: it identifies even a request the board could not parse.
+        correlation = getattr(message.properties, "CorrelationData", None)
+        key = correlation.decode(errors="replace") if correlation else response.request_id or ""
+        mailbox = self._waiting.get(key)
         if mailbox is not None:
             mailbox.put(response)
 
@@ -50,19 +53,28 @@ class AppClient:
         timeout_s: float = 300.0,
     ) -> GenerationResponse:
         """Send `request` to `device`; return the final response (with stats or an error)."""
-        prefix = self.topics.responses_prefix(device)
+        return self.exchange(device, request.request_id, encode(request, binary=False), on_delta, timeout_s)
+
+    def exchange(
+        self,
+        device: str,
+        request_id: str,
+        payload: bytes,
+        on_delta: Callable[[str], None] | None = None,
+        timeout_s: float = 300.0,
+    ) -> GenerationResponse:
+        """Publish a request payload as given (valid or not) with a ResponseTopic for
+        `request_id`, and collect the responses until the final one."""
         if device not in self._subscribed:
-            self.client.subscribe(prefix + "#", qos=1)
+            self.client.subscribe(self.topics.responses_prefix(device) + "#", qos=1)
             self._subscribed.add(device)
         mailbox: queue.Queue[GenerationResponse] = queue.Queue()
-        self._waiting[request.request_id] = mailbox
+        self._waiting[request_id] = mailbox
         props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = self.topics.response(device, request.request_id)
-        props.CorrelationData = request.request_id.encode()
+        props.ResponseTopic = self.topics.response(device, request_id)
+        props.CorrelationData = request_id.encode()
         try:
-            self.client.publish_confirmed(
-                self.topics.requests(device), encode(request, binary=False), properties=props
-            )
+            self.client.publish_confirmed(self.topics.requests(device), payload, properties=props)
             while True:
                 try:
                     response = mailbox.get(timeout=timeout_s)
@@ -73,7 +85,7 @@ class AppClient:
                 if response.done:
                     return response
         finally:
-            self._waiting.pop(request.request_id, None)
+            self._waiting.pop(request_id, None)
 
 
 def new_request_id() -> str:

@@ -121,7 +121,7 @@ class ResponseStats(_Message):
 class GenerationResponse(_Message):
     """Board -> app: a text delta; the last one has `done` and the stats, or an error."""
 
-    request_id: str | None
+    request_id: str | None = None
     seq: int
     delta: str = ""
     done: bool = False
