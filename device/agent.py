@@ -278,7 +278,8 @@ class Generation:
         started = time.monotonic()
         if not self.prompt:
             raise GenerationFailed("prompt encodes to no tokens")
-        self.drafter.start(self.prompt)
+        if not self.agent.settings.device.server_decodes:
+            self.drafter.start(self.prompt)
         resyncs = 0
         reason: str | None = None
         try:
@@ -320,6 +321,8 @@ class Generation:
             self.agent.live.pop(live.session, None)
 
     def _rounds(self, live: LiveSession) -> str:
+        if self.agent.settings.device.server_decodes:
+            return self._server_decoded_rounds(live)
         seq = 0
         while True:
             batch = self._draft()
@@ -333,6 +336,29 @@ class Generation:
             if verdict.finished:
                 return verdict.reason or "eos"
             seq += 1
+
+    def _server_decoded_rounds(self, live: LiveSession) -> str:
+        """No drafting: the server decodes every token and sends one verdict per step."""
+        opening = DraftMessage(
+            session=live.session,
+            seq=0,
+            committed_len=len(self.prompt) + len(self.generated),
+            context=self.prompt + self.generated,
+            generated=len(self.generated),
+            params=self.params,
+            server_decodes=True,
+        )
+        verdict = self._exchange(live, 0, opening)
+        seq = 0
+        while True:
+            live.server = verdict.server
+            self._apply((), verdict)
+            if verdict.finished:
+                return verdict.reason or "eos"
+            seq += 1
+            verdict = self._await(live, seq)
+            if verdict.error_code is not None:
+                raise ServerGone(f"{verdict.error_code}: {verdict.error}")
 
     def _message(self, live: LiveSession, seq: int, batch: DraftBatch) -> DraftMessage:
         """seq 0 opens the session and carries the whole committed context."""
@@ -368,8 +394,15 @@ class Generation:
         return verdict
 
     def _draft(self) -> DraftBatch:
+        """Draft, then, when emulating a board slower than this machine, wait out the rest of
+        the emulated step time so the server sees the board's real pace."""
         started = time.perf_counter()
         batch = self.drafter.draft(self.next_k, self.params, self.rng)
+        emulated_ms = self.agent.settings.device.emulated_step_ms
+        if emulated_ms is not None:
+            remaining = emulated_ms * len(batch.tokens) / 1000 - (time.perf_counter() - started)
+            if remaining > 0:
+                time.sleep(remaining)
         if batch.tokens:
             self.draft_ms = 1000 * (time.perf_counter() - started) / len(batch.tokens)
         return batch
@@ -398,7 +431,7 @@ class Generation:
         self.generated.extend(verdict.tokens)
         with self.agent._lock:
             self.agent._committed_total += len(verdict.tokens)
-        if not verdict.finished and verdict.tokens:
+        if not verdict.finished and verdict.tokens and not self.agent.settings.device.server_decodes:
             self.drafter.commit(verdict.accepted, verdict.tokens[-1])
         self._stream()
 

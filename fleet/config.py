@@ -58,6 +58,11 @@ class DeviceSettings(BaseModel):
     top_k: int = Field(32, ge=1, le=1024)
     verdict_timeout_s: float = Field(30.0, gt=0)
     max_concurrent_requests: int = Field(4, ge=1)
+    # Benchmarks emulate a board slower than this machine: each drafted token takes this long
+    # (the real ONNX draft still chooses the tokens). None drafts at this machine's speed.
+    emulated_step_ms: float | None = Field(None, ge=0)
+    # No drafting at all: the server decodes every token (the server-alone baseline).
+    server_decodes: bool = False
 
 
 class Settings(BaseSettings):

@@ -50,6 +50,7 @@ class Route:
     last_seq: int = -1
     last_verdict: bytes = b""
     last_active: float = field(default_factory=time.monotonic)
+    server_decodes: bool = False
 
     @property
     def key(self) -> str:
@@ -129,9 +130,11 @@ class VerificationService:
         self.log.info("server_started", target=self.target_name, k_max=self.engine.k_max)
         try:
             while not self._stopping.is_set():
-                batch = self._collect()
-                if batch:
-                    self._handle(batch)
+                decoding = [r for r in self.routes.values() if r.server_decodes]
+                proposals = self._admit_all(self._collect(block=not decoding))
+                self._add_server_decoding(proposals)
+                if proposals:
+                    self._verify(proposals)
                 self._housekeeping()
         finally:
             self._publish_status(online=False)
@@ -143,11 +146,12 @@ class VerificationService:
         self._stopping.set()
 
     # --- scheduler thread -------------------------------------------------------------------
-    def _collect(self) -> list[Inbound]:
-        """Block briefly for the first message, then take whatever else is pending; while the
-        batch is smaller than the sessions that might send, wait up to the window for more."""
+    def _collect(self, block: bool) -> list[Inbound]:
+        """Block briefly for the first message (unless sessions decoded by the server are
+        waiting), then take whatever else is pending; while the batch is smaller than the
+        sessions that might send, wait up to the window for more."""
         try:
-            batch = [self.inbox.get(timeout=0.2)]
+            batch = [self.inbox.get(timeout=0.2) if block else self.inbox.get_nowait()]
         except queue.Empty:
             return []
         deadline = time.monotonic() + self.settings.server.batch_window_ms / 1000
@@ -165,7 +169,7 @@ class VerificationService:
             except queue.Empty:
                 return batch
 
-    def _handle(self, batch: list[Inbound]) -> None:
+    def _admit_all(self, batch: list[Inbound]) -> list[tuple[Route, DraftMessage]]:
         proposals: list[tuple[Route, DraftMessage]] = []
         for item in batch:
             try:
@@ -177,8 +181,16 @@ class VerificationService:
                 accepted = self._admit(device, session, kind, item)
                 if accepted is not None:
                     proposals.append(accepted)
-        if proposals:
-            self._verify(proposals)
+        return proposals
+
+    def _add_server_decoding(self, proposals: list[tuple[Route, DraftMessage]]) -> None:
+        """Sessions the server decodes alone join every batch with an empty draft: plain
+        decoding with continuous batching, the server-alone baseline."""
+        present = {id(route) for route, _ in proposals}
+        for route in list(self.routes.values()):
+            if route.server_decodes and id(route) not in present:
+                step = DraftMessage(session=route.session, seq=route.last_seq + 1, committed_len=0)
+                proposals.append((route, step))
 
     def _admit(self, device: str, session: str, kind: str, item: Inbound) -> tuple[Route, DraftMessage] | None:
         """Decode, de-duplicate and open; returns the draft to verify, or None when the
@@ -230,7 +242,7 @@ class VerificationService:
             self.log.warning("session_refused", code=code, reason=result.reason)
             self._send_error(device, session, message.seq, code, result.reason or code)
             return None
-        route = Route(device=device, session=session, last_seq=message.seq - 1)
+        route = Route(device=device, session=session, last_seq=message.seq - 1, server_decodes=message.server_decodes)
         self.routes[key] = route
         # Subscribed before the first verdict goes out, so the board's next draft finds us.
         self.client.subscribe(self.topics.draft(device, session), qos=1)

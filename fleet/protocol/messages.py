@@ -35,6 +35,9 @@ class DraftMessage(_Message):
       resync, with `params`): claims a server and carries the first draft, saving a round trip;
     - draft (on the session's `draft` topic): the next drafted tokens after the last verdict;
     - close (`close` true): the board gives the session up early (cancelled request).
+
+    An open with `server_decodes` asks the server to decode every token itself (no drafts):
+    the server-alone baseline, and the fallback for a board without a draft model.
     """
 
     v: Literal[1] = PROTOCOL_VERSION
@@ -47,6 +50,7 @@ class DraftMessage(_Message):
     tokens: list[TokenId] = Field(default_factory=list, max_length=MAX_DRAFT_TOKENS)
     q: list[SparseDist] | None = Field(None, max_length=MAX_DRAFT_TOKENS)
     draft_ms: float = Field(0.0, ge=0.0, le=1e6)
+    server_decodes: bool = False
     close: bool = False
 
     @model_validator(mode="after")
@@ -58,6 +62,8 @@ class DraftMessage(_Message):
             raise ValueError(f"q has {len(self.q)} positions for {len(self.tokens)} drafted tokens")
         if self.context and self.params is None:
             raise ValueError("an open (context given) needs sampling params")
+        if self.server_decodes and (not self.context or self.tokens):
+            raise ValueError("server_decodes is only valid on an open, without drafted tokens")
         if self.generated > len(self.context):
             raise ValueError("generated exceeds the context length")
         return self
