@@ -69,7 +69,7 @@ class LiveSession:
     """A session in flight: its verdict mailbox and the server that owns it."""
 
     session: str
-    verdicts: "queue.Queue[VerdictMessage | None]" = field(default_factory=queue.Queue)
+    verdicts: "queue.Queue[tuple[VerdictMessage, int] | None]" = field(default_factory=queue.Queue)
     server: str | None = None
 
 
@@ -180,7 +180,7 @@ class BoardAgent:
             return
         live = self.live.get(verdict.session)
         if live is not None:
-            live.verdicts.put(verdict)
+            live.verdicts.put((verdict, len(payload)))
 
     def _watch_server(self, payload: bytes) -> None:
         try:
@@ -271,6 +271,8 @@ class Generation:
         self.sent_text = ""
         self.seq_out = 0
         self.drafted = self.accepted = self.verifications = 0
+        self.bytes_out = self.bytes_in = 0
+        self.round_trip_s = 0.0
         self.next_k: int | None = None
         self.draft_ms = 0.0
 
@@ -305,6 +307,9 @@ class Generation:
             mean_accepted=self.accepted / self.verifications if self.verifications else 0.0,
             tokens_per_s=len(self.generated) / elapsed if elapsed > 0 else 0.0,
             elapsed_s=elapsed,
+            bytes_out=self.bytes_out,
+            bytes_in=self.bytes_in,
+            round_trip_ms=1000 * self.round_trip_s / self.verifications if self.verifications else 0.0,
         )
         self._emit(done=True, reason=reason, stats=stats, tokens=list(self.generated))
         self.log.info("request_done", reason=reason, tokens=len(self.generated), acceptance=round(stats.acceptance_rate, 3))
@@ -382,8 +387,11 @@ class Generation:
         topic = topics.open(device, live.session) if seq == 0 else topics.draft(device, live.session)
         payload = encode(message, binary=True)
         for attempt in range(1, OPEN_RETRIES + 1):
+            sent = time.perf_counter()
             self.agent.client.publish(topic, payload, qos=1)
+            self.bytes_out += len(payload)
             verdict = self._await(live, seq)
+            self.round_trip_s += time.perf_counter() - sent
             if verdict.error_code != "busy" or seq != 0:
                 break
             time.sleep(0.5 * attempt)
@@ -414,11 +422,13 @@ class Generation:
             if remaining <= 0:
                 raise ServerGone("no verdict within the timeout")
             try:
-                verdict = live.verdicts.get(timeout=remaining)
+                item = live.verdicts.get(timeout=remaining)
             except queue.Empty:
                 continue
-            if verdict is None:
+            if item is None:
                 raise ServerGone(f"server {live.server} went offline")
+            verdict, size = item
+            self.bytes_in += size
             if verdict.seq == seq or (verdict.seq == -1 and verdict.error_code is not None):
                 return verdict
             # A repeated verdict of an earlier round (QoS 1 redelivery): already applied.

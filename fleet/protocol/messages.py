@@ -122,6 +122,9 @@ class ResponseStats(_Message):
     mean_accepted: float
     tokens_per_s: float
     elapsed_s: float
+    bytes_out: int = 0
+    bytes_in: int = 0
+    round_trip_ms: float = 0.0
 
 
 class GenerationResponse(_Message):
