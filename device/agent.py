@@ -27,6 +27,7 @@ from device.runner import DraftRunner
 from fleet import __version__
 from fleet.config import Settings
 from fleet.logging import get_logger
+from fleet.metrics import DeviceMetrics
 from fleet.mqtt import Will, make_client
 from fleet.protocol import (
     DeviceStatus,
@@ -81,6 +82,7 @@ class BoardAgent:
         settings: Settings,
         draft_dir: Path,
         runner_factory: Callable[[], DraftRunner] | None = None,
+        metrics: DeviceMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.device_id = settings.device.device_id
@@ -96,6 +98,9 @@ class BoardAgent:
         self.live: dict[str, LiveSession] = {}
         self._lock = threading.Lock()
         self._active = 0
+        # Always recorded (cheap); served only when `fleet device --metrics-port` asks.
+        self.metrics = metrics or DeviceMetrics()
+        self.metrics.track_active(lambda: self._active)
         self._committed_total = 0
         self._started = time.monotonic()
         self._stopping = threading.Event()
@@ -107,7 +112,11 @@ class BoardAgent:
             settings.broker,
             will=Will(
                 topic=self.topics.device_status(self.device_id),
-                payload=encode(DeviceStatus(id=self.device_id, online=False), binary=False),
+                # Who this board is survives its death; `ts` stays 0: the time of death is unknown.
+                payload=encode(DeviceStatus(
+                    id=self.device_id, online=False, draft_model=self.draft_name,
+                    hardware=settings.device.hardware, version=__version__,
+                ), binary=False),
             ),
         )
         self.client.on_connect = self._on_connect
@@ -141,6 +150,7 @@ class BoardAgent:
             request = decode_json(GenerationRequest, bytes(message.payload))
         except ProtocolError as exc:
             self.log.warning("request_rejected", code=exc.code, reason=exc.detail)
+            self.metrics.record_error("request_invalid")
             self._respond(reply, GenerationResponse(
                 request_id=_request_id_of(message.payload), seq=0, done=True, reason="error",
                 error=f"{exc.code}: {exc.detail}",
@@ -155,6 +165,7 @@ class BoardAgent:
                 busy = False
                 self._active += 1
         if busy:
+            self.metrics.record_error("busy")
             self._respond(reply, GenerationResponse(
                 request_id=request.request_id, seq=0, done=True, reason="error", error="busy: board at capacity"
             ))
@@ -232,6 +243,7 @@ class BoardAgent:
                 Generation(self, request, reply, runner).run()
         except Exception:
             self.log.exception("generation_crashed", request=request.request_id)
+            self.metrics.record_error("crashed")
             self._respond(reply, GenerationResponse(
                 request_id=request.request_id, seq=0, done=True, reason="error", error="internal error on the board"
             ))
@@ -290,11 +302,13 @@ class Generation:
                     reason = self._session_rounds()
                 except ServerGone as gone:
                     resyncs += 1
+                    self.agent.metrics.record_error("resync")
                     self.log.warning("session_resync", reason=str(gone), committed=len(self.generated))
                     if resyncs > RESYNC_LIMIT:
                         raise GenerationFailed(f"no server kept the session: {gone}") from gone
         except GenerationFailed as exc:
             self._emit(done=True, reason="error", error=str(exc))
+            self.agent.metrics.record_error("failed")
             self.log.warning("request_failed", reason=str(exc))
             return
         elapsed = time.monotonic() - started
@@ -391,7 +405,9 @@ class Generation:
             self.agent.client.publish(topic, payload, qos=1)
             self.bytes_out += len(payload)
             verdict = self._await(live, seq)
-            self.round_trip_s += time.perf_counter() - sent
+            round_trip_s = time.perf_counter() - sent
+            self.round_trip_s += round_trip_s
+            self.agent.metrics.record_round_trip(round_trip_s)
             if verdict.error_code != "busy" or seq != 0:
                 break
             time.sleep(0.5 * attempt)
@@ -437,6 +453,7 @@ class Generation:
         self.verifications += 1
         self.drafted += len(drafted)
         self.accepted += verdict.accepted
+        self.agent.metrics.record_verdict(len(drafted), verdict.accepted, len(verdict.tokens))
         self.next_k = verdict.next_k
         self.generated.extend(verdict.tokens)
         with self.agent._lock:

@@ -9,14 +9,23 @@ import signal
 import sys
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import urlparse
 
 import typer
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 from rich.console import Console
 
-from fleet.config import BrokerSettings, Settings, load_settings
-from fleet.logging import configure_logging
+from fleet.cli_options import (
+    BrokerOpt,
+    CaOpt,
+    ConfigOpt,
+    CredsOpt,
+    FormatOpt,
+    LevelOpt,
+    MetricsPortOpt,
+    PasswordOpt,
+    UserOpt,
+    settings_from_cli,
+)
 
 app = typer.Typer(
     help="Speculative LLM decoding for edge fleets over MQTT.",
@@ -26,72 +35,18 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML configuration file (also FLEET_CONFIG).")]
-BrokerOpt = Annotated[str | None, typer.Option("--broker", help="Broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT.")]
-UserOpt = Annotated[str | None, typer.Option("--username", help="Broker username (the device or server id for those roles).")]
-PasswordOpt = Annotated[str | None, typer.Option("--password", envvar="FLEET_BROKER_PASSWORD", help="Broker password.")]
-CaOpt = Annotated[Path | None, typer.Option("--ca-file", help="CA certificate for a TLS broker.")]
-CredsOpt = Annotated[Path | None, typer.Option("--credentials", help="Credentials file written by `fleet broker`; with --username picks that identity.")]
-LevelOpt = Annotated[str | None, typer.Option("--log-level", help="debug, info, warning or error.")]
-FormatOpt = Annotated[str | None, typer.Option("--log-format", help="console (humans) or json (services).")]
+def _metrics(kind: str, port: int | None) -> object | None:
+    """The component's metrics, served on `port`; None (nothing served) without a port."""
+    if port is None:
+        return None
+    from fleet.metrics import DeviceMetrics, ServerMetrics, serve_component_metrics
 
-
-def _settings(
-    config: Path | None,
-    broker: str | None = None,
-    username: str | None = None,
-    password: str | None = None,
-    ca_file: Path | None = None,
-    credentials: Path | None = None,
-    log_level: str | None = None,
-    log_format: str | None = None,
-    default_format: str = "console",
-    **sections: dict[str, object],
-) -> Settings:
-    """Settings from file and environment, then the command line on top; logging configured."""
-    overrides: dict[str, object] = {k: v for k, v in sections.items() if v}
     try:
-        settings = load_settings(config, **overrides)
-        settings = settings.model_copy(
-            update={"broker": _broker_settings(settings.broker, broker, username, password, ca_file, credentials)}
-        )
-        chosen = "log_format" in settings.model_fields_set
-        fmt = log_format or (settings.log_format if chosen else default_format)
-        configure_logging(log_level or settings.log_level, fmt)  # type: ignore[arg-type]
-    except (ValueError, ValidationError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    return settings
-
-
-def _broker_settings(
-    base: BrokerSettings,
-    url: str | None,
-    username: str | None,
-    password: str | None,
-    ca_file: Path | None,
-    credentials: Path | None,
-) -> BrokerSettings:
-    update: dict[str, object] = {}
-    if credentials is not None:
-        from broker.config import BrokerCredentials
-
-        creds = BrokerCredentials.load(credentials)
-        name = username or base.username
-        if name is None:
-            raise ValueError("--credentials needs --username to pick an identity")
-        update.update(creds.settings_for(name).model_dump(exclude_unset=False))
-    if url is not None:
-        parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-        if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
-            raise ValueError(f"--broker {url!r}: use mqtt://HOST:PORT or mqtts://HOST:PORT")
-        update.update(host=parsed.hostname, tls=parsed.scheme == "mqtts", port=parsed.port or (8883 if parsed.scheme == "mqtts" else 1883))
-    if username is not None:
-        update["username"] = username
-    if password is not None:
-        update["password"] = SecretStr(password)
-    if ca_file is not None:
-        update.update(ca_file=ca_file, tls=True)
-    return BrokerSettings.model_validate({**base.model_dump(), **update})
+        metrics, _ = serve_component_metrics(ServerMetrics if kind == "serve" else DeviceMetrics, port)
+    except OSError as exc:
+        console.print(f"fleet {kind}: cannot serve metrics on port {port}: {exc}")
+        raise typer.Exit(2) from exc
+    return metrics
 
 
 def _run_until_signal(component: object) -> None:
@@ -114,11 +69,12 @@ def serve(
     credentials: CredsOpt = None,
     server_id: Annotated[str | None, typer.Option("--id", help="Server id [default: the broker username].")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Target: catalog name or checkpoint directory.")] = None,
+    metrics_port: MetricsPortOpt = None,
     log_level: LevelOpt = None,
     log_format: FormatOpt = None,
 ) -> None:
     """Run a verification server: batch the drafts of many boards through the target model."""
-    settings = _settings(config, broker, username, password, ca_file, credentials, log_level, log_format, "json")
+    settings = settings_from_cli(config, broker, username, password, ca_file, credentials, log_level, log_format, "json")
     server = settings.server.model_copy(update={k: v for k, v in {
         "server_id": server_id or settings.broker.username or settings.server.server_id,
         "target_model": model,
@@ -137,7 +93,7 @@ def serve(
         target_dir, dtype=server.dtype, device=server.device, k_max=server.k_max,
         memory_budget_bytes=int(server.memory_budget_mb * 2**20), max_sessions=server.max_sessions,
     )
-    _run_until_signal(VerificationService(settings, engine, server.target_model))
+    _run_until_signal(VerificationService(settings, engine, server.target_model, metrics=_metrics("serve", metrics_port)))
 
 
 @app.command()
@@ -150,11 +106,12 @@ def device(
     credentials: CredsOpt = None,
     device_id: Annotated[str | None, typer.Option("--id", help="Device id [default: the broker username].")] = None,
     draft: Annotated[Path | None, typer.Option("--draft", help="Exported ONNX draft directory (fleet models export-draft).")] = None,
+    metrics_port: MetricsPortOpt = None,
     log_level: LevelOpt = None,
     log_format: FormatOpt = None,
 ) -> None:
     """Run a board agent: draft with ONNX Runtime and serve generation requests over MQTT."""
-    settings = _settings(config, broker, username, password, ca_file, credentials, log_level, log_format, "json")
+    settings = settings_from_cli(config, broker, username, password, ca_file, credentials, log_level, log_format, "json")
     dev = settings.device.model_copy(update={"device_id": device_id or settings.broker.username or settings.device.device_id})
     settings = settings.model_copy(update={"device": dev})
     from device.agent import BoardAgent
@@ -162,7 +119,7 @@ def device(
 
     draft_dir = draft or Path(settings.device.draft_model)
     try:
-        agent = BoardAgent(settings, draft_dir)
+        agent = BoardAgent(settings, draft_dir, metrics=_metrics("device", metrics_port))
     except DraftModelError as exc:
         console.print(f"fleet device: {exc}")
         raise typer.Exit(2) from exc
@@ -189,7 +146,7 @@ def generate(
     log_level: LevelOpt = None,
 ) -> None:
     """Ask a board for a generation through the broker, as any IoT app would; streams the text."""
-    settings = _settings(config, broker, username, password, ca_file, credentials, log_level or "warning")
+    settings = settings_from_cli(config, broker, username, password, ca_file, credentials, log_level or "warning")
     from fleet.app import AppClient, GenerationTimeout, new_request_id
     from fleet.mqtt import BrokerConnectError, make_client
     from fleet.protocol import GenerationRequest, Topics
@@ -238,7 +195,7 @@ def demo(
     log_level: LevelOpt = None,
 ) -> None:
     """Start broker, server and boards here, generate from shipped prompts, check losslessness."""
-    settings = _settings(config, log_level=log_level or "warning")
+    settings = settings_from_cli(config, log_level=log_level or "warning")
     from fleet.demo import run_demo, summary_table
 
     summary = run_demo(
@@ -259,8 +216,10 @@ def demo(
 def _register_subcommands() -> None:
     from broker.cli import broker_command
     from fleet.models.cli import models_app
+    from fleet.status import UsageErrorsExitOne, status_command
 
     app.command("broker")(broker_command)
+    app.command("status", cls=UsageErrorsExitOne)(status_command)
     app.add_typer(models_app, name="models")
 
 

@@ -17,6 +17,13 @@ from broker.process import LocalBroker, prepare_local_broker
 from device.agent import BoardAgent
 from fleet.app import AppClient
 from fleet.config import DeviceSettings, ServerSettings, Settings
+from fleet.metrics import (
+    ComponentMetrics,
+    DeviceMetrics,
+    MetricsServer,
+    ServerMetrics,
+    serve_component_metrics,
+)
 from fleet.mqtt import FleetClient, make_client
 from fleet.protocol import DeviceStatus, ProtocolError, ServerStatus, Topics, decode_json
 from server.engine import Engine
@@ -47,6 +54,9 @@ class LocalFleet:
     device: DeviceSettings = field(default_factory=DeviceSettings)
     tls: bool = True
     ready_timeout_s: float = 60.0
+    # Each component serves Prometheus metrics on its own free port (127.0.0.1), found in
+    # `metrics_servers[component id]`.
+    metrics: bool = False
 
     broker: LocalBroker = field(init=False)
     services: dict[str, VerificationService] = field(init=False, default_factory=dict)
@@ -54,6 +64,7 @@ class LocalFleet:
     app: AppClient = field(init=False)
     _app_client: FleetClient = field(init=False)
     _threads: list[threading.Thread] = field(init=False, default_factory=list)
+    metrics_servers: dict[str, MetricsServer] = field(init=False, default_factory=dict)
 
     def __enter__(self) -> Self:
         self.broker = prepare_local_broker(
@@ -100,17 +111,29 @@ class LocalFleet:
             memory_budget_bytes=int(server.memory_budget_mb * 2**20),
             max_sessions=server.max_sessions,
         )
-        service = VerificationService(self.settings(server_id, server=server), engine, self.models.target_name)
+        service = VerificationService(
+            self.settings(server_id, server=server), engine, self.models.target_name,
+            metrics=self._metrics(server_id, ServerMetrics),
+        )
         self.services[server_id] = service
         self._spawn(service.run, f"server-{server_id}")
         return service
 
     def start_device(self, device_id: str) -> BoardAgent:
         device = self.device.model_copy(update={"device_id": device_id})
-        agent = BoardAgent(self.settings(device_id, device=device), self.models.draft_dir)
+        agent = BoardAgent(
+            self.settings(device_id, device=device), self.models.draft_dir,
+            metrics=self._metrics(device_id, DeviceMetrics),
+        )
         self.agents[device_id] = agent
         self._spawn(agent.run, f"device-{device_id}")
         return agent
+
+    def _metrics(self, component: str, kind: type[ComponentMetrics]) -> ComponentMetrics | None:
+        if not self.metrics:
+            return None
+        metrics, self.metrics_servers[component] = serve_component_metrics(kind, 0, host="127.0.0.1")
+        return metrics
 
     def _spawn(self, target: object, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -163,4 +186,6 @@ class LocalFleet:
         if hasattr(self, "_app_client"):
             self._app_client.disconnect()
             self._app_client.loop_stop()
+        for endpoint in self.metrics_servers.values():
+            endpoint.close()
         self.broker.process.stop()

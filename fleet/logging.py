@@ -17,6 +17,17 @@ LogFormat = Literal["console", "json"]
 _configured = False
 
 
+class _CurrentStderr:
+    """Writes to whatever `sys.stderr` is at the time of the write: test runners and CLIs
+    swap and close the stream, and threads that outlive them must not write to a dead one."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "info", fmt: LogFormat = "console") -> None:
     """Route structlog (and stdlib logging) to stderr in the chosen format; idempotent."""
     global _configured
@@ -38,7 +49,7 @@ def configure_logging(level: str = "info", fmt: LogFormat = "console") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)

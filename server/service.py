@@ -18,6 +18,7 @@ import structlog
 from fleet import __version__
 from fleet.config import Settings
 from fleet.logging import get_logger
+from fleet.metrics import ServerMetrics
 from fleet.mqtt import Will, make_client
 from fleet.protocol import (
     DraftMessage,
@@ -31,6 +32,10 @@ from fleet.protocol import (
 from server.engine import DraftProposal, Engine, Verdict
 
 STATUS_PERIOD_S = 5.0
+# Messages received but not yet taken by the scheduler. Normally a batch's worth; a flood (a
+# hostile board, a burst of resyncs after a fault) beyond this is dropped and logged rather
+# than held in memory: the boards concerned time out and resync.
+INBOX_LIMIT = 1024
 
 
 @dataclass
@@ -49,6 +54,7 @@ class Route:
     session: str
     last_seq: int = -1
     last_verdict: bytes = b""
+    committed_len: int = 0
     last_active: float = field(default_factory=time.monotonic)
     server_decodes: bool = False
 
@@ -89,15 +95,20 @@ class ServiceStats:
 class VerificationService:
     """One verification server on the broker; `run()` blocks until `stop()`."""
 
-    def __init__(self, settings: Settings, engine: Engine, target_name: str) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine, target_name: str, metrics: ServerMetrics | None = None
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.target_name = target_name
         self.server_id = settings.server.server_id
         self.topics = Topics(settings.topic_root)
-        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=INBOX_LIMIT)
         self.routes: dict[str, Route] = {}
         self.stats = ServiceStats()
+        # Always recorded (cheap); served only when `fleet serve --metrics-port` asks.
+        self.metrics = metrics or ServerMetrics()
+        self.metrics.track_load(sessions=lambda: len(self.routes), queue_depth=self.inbox.qsize)
         self.log = get_logger(server=self.server_id)
         self._stopping = threading.Event()
         self._last_status = 0.0
@@ -106,7 +117,10 @@ class VerificationService:
             settings.broker,
             will=Will(
                 topic=self.topics.server_status(self.server_id),
-                payload=encode(ServerStatus(id=self.server_id, online=False), binary=False),
+                payload=encode(ServerStatus(
+                    id=self.server_id, online=False, target_model=target_name,
+                    capacity=settings.server.max_sessions, version=__version__,
+                ), binary=False),
             ),
         )
         self.client.on_connect = self._on_connect
@@ -116,18 +130,23 @@ class VerificationService:
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, properties: object) -> None:
         """Subscriptions are renewed on every (re)connect: Mosquitto 2.0.11 does not restore
         shared subscriptions of a resumed session, and a clean start has none."""
-        client.subscribe(self.topics.all_opens_shared(), qos=1)
+        client.subscribe(self.topics.all_opens_shared(self.settings.server.share_group.get_secret_value()), qos=1)
         for route in list(self.routes.values()):
             client.subscribe(self.topics.draft(route.device, route.session), qos=1)
         self._last_status = 0.0  # publish a fresh status from the scheduler soon
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        self.inbox.put(Inbound(message.topic, bytes(message.payload), time.monotonic()))
+        try:
+            self.inbox.put_nowait(Inbound(message.topic, bytes(message.payload), time.monotonic()))
+        except queue.Full:
+            self.log.warning("message_dropped", topic=message.topic, reason=f"inbox full ({INBOX_LIMIT} waiting)")
 
     # --- lifecycle ------------------------------------------------------------------------
     def run(self) -> None:
         self.client.connect_and_wait()
         self.log.info("server_started", target=self.target_name, k_max=self.engine.k_max)
+        if "share_group" not in self.settings.server.model_fields_set:
+            self.log.info("share_group_generated", note="a multi-server fleet must set server.share_group on every server")
         try:
             while not self._stopping.is_set():
                 decoding = [r for r in self.routes.values() if r.server_decodes]
@@ -199,11 +218,10 @@ class VerificationService:
         try:
             message = decode_draft(item.payload)
         except ProtocolError as exc:
-            self.log.warning("draft_rejected", code=exc.code, reason=exc.detail, kind=kind)
-            self._send_error(device, session, seq=-1, code=exc.code, detail=exc.detail)
+            self._reject(device, session, seq=-1, code=exc.code, detail=exc.detail)
             return None
         if message.session != session:
-            self._send_error(device, session, message.seq, "invalid", "session field differs from the topic")
+            self._reject(device, session, message.seq, "invalid", "session field differs from the topic")
             return None
         route = self.routes.get(key)
         if route is not None and message.seq <= route.last_seq:
@@ -219,30 +237,50 @@ class VerificationService:
             return None
         if message.is_open:
             if kind != "open":
-                self._send_error(device, session, message.seq, "invalid", "context is only accepted on the open topic")
+                self._reject(device, session, message.seq, "invalid", "context is only accepted on the open topic")
                 return None
             if route is not None:
-                self._send_error(device, session, message.seq, "invalid", "session is already open")
+                self._reject(device, session, message.seq, "invalid", "session is already open")
                 return None
             return self._open(device, session, message)
         if route is None:
-            self._send_error(device, session, message.seq, "unknown_session", "no such session on this server")
+            self._reject(device, session, message.seq, "unknown_session", "no such session on this server")
             return None
         if message.seq != route.last_seq + 1:
-            self._send_error(device, session, message.seq, "out_of_order", f"expected seq {route.last_seq + 1}")
+            self._reject(device, session, message.seq, "out_of_order", f"expected seq {route.last_seq + 1}")
+            return None
+        if message.committed_len != route.committed_len:
+            # The board drafted on another history (a verdict it never got, a second server
+            # claiming the same open): verifying would commit tokens it does not have.
+            self._reject(
+                device, session, message.seq, "invalid",
+                f"committed_len {message.committed_len} differs from the server's {route.committed_len}",
+            )
             return None
         return route, message
 
     def _open(self, device: str, session: str, message: DraftMessage) -> tuple[Route, DraftMessage] | None:
         key = session_key(device, session)
         assert message.params is not None  # the schema requires params with a context
+        held = sum(1 for route in self.routes.values() if route.device == device)
+        quota = self.settings.server.max_sessions_per_device
+        if held >= quota:
+            # One board (a compromised one, or one stuck in a resync loop) must not take
+            # every slot of the server from the others.
+            self._reject(device, session, message.seq, "busy", f"{device} holds {held} sessions, the most one board may hold")
+            return None
         result = self.engine.open(key, message.context, message.params, generated=message.generated)
         if result.status != "ok":
             code = "busy" if result.status == "busy" else "invalid"
-            self.log.warning("session_refused", code=code, reason=result.reason)
-            self._send_error(device, session, message.seq, code, result.reason or code)
+            self._reject(device, session, message.seq, code, result.reason or code)
             return None
-        route = Route(device=device, session=session, last_seq=message.seq - 1, server_decodes=message.server_decodes)
+        route = Route(
+            device=device,
+            session=session,
+            last_seq=message.seq - 1,
+            committed_len=result.committed_len,
+            server_decodes=message.server_decodes,
+        )
         self.routes[key] = route
         # Subscribed before the first verdict goes out, so the board's next draft finds us.
         self.client.subscribe(self.topics.draft(device, session), qos=1)
@@ -255,14 +293,19 @@ class VerificationService:
             [DraftProposal(session_id=route.key, tokens=m.tokens, q=m.q) for route, m in proposals]
         )
         elapsed = time.perf_counter() - started
+        self.metrics.record_batch(len(proposals), elapsed)
         drafted = accepted = committed = 0
         for (route, message), verdict in zip(proposals, verdicts, strict=True):
-            with structlog.contextvars.bound_contextvars(device=route.device, session=route.session):
-                self._publish_verdict(route, message, verdict)
+            # Counted before it is published: whoever sees the verdict must find it counted.
             if verdict.error_code is None:
                 drafted += len(message.tokens)
                 accepted += verdict.accepted
                 committed += len(verdict.tokens)
+                self.metrics.record_verdict(len(message.tokens), verdict.accepted, len(verdict.tokens))
+            else:
+                self.metrics.record_error(verdict.error_code)
+            with structlog.contextvars.bound_contextvars(device=route.device, session=route.session):
+                self._publish_verdict(route, message, verdict)
         self.stats.record(len(proposals), elapsed, drafted, accepted, committed)
         self.log.info("batch_verified", sessions=len(proposals), seconds=round(elapsed, 4), committed=committed)
 
@@ -285,6 +328,7 @@ class VerificationService:
         )
         route.last_seq = message.seq
         route.last_verdict = payload
+        route.committed_len = verdict.committed_len
         route.last_active = time.monotonic()
         self.client.publish(self.topics.verdict(route.device, route.session), payload, qos=1)
         if verdict.error_code is not None:
@@ -293,7 +337,14 @@ class VerificationService:
             self._close(route.key)
             self.log.info("session_finished", reason=verdict.reason, committed=verdict.committed_len)
 
+    def _reject(self, device: str, session: str, seq: int, code: str, detail: str) -> None:
+        """Refuse one inbound message: an error verdict to the board and exactly one log event
+        naming the reason, so that every refusal can be accounted for."""
+        self.log.warning("draft_rejected", seq=seq, code=code, reason=detail)
+        self._send_error(device, session, seq, code, detail)
+
     def _send_error(self, device: str, session: str, seq: int, code: str, detail: str) -> None:
+        self.metrics.record_error(code)
         payload = encode(
             VerdictMessage(session=session, seq=seq, server=self.server_id, error_code=code, error=detail),
             binary=True,
