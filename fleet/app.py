@@ -32,6 +32,16 @@ class AppClient:
         self._waiting: dict[str, queue.Queue[GenerationResponse]] = {}
         self._subscribed: set[str] = set()
         client.message_callback_add(f"{topics.root}/devices/+/responses/#", self._on_response)
+        self._caller_on_connect = client.on_connect
+        client.on_connect = self._on_connect
+
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, properties: object) -> None:
+        """After a reconnect (a broker restart loses clean sessions) subscribe again, or the
+        responses of the requests in flight would reach no one."""
+        if self._caller_on_connect is not None:
+            self._caller_on_connect(client, userdata, flags, reason, properties)
+        for device in list(self._subscribed):
+            client.subscribe(self.topics.responses_prefix(device) + "#", qos=1)
 
     def _on_response(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         try:

@@ -6,12 +6,15 @@ sections use `__` in the environment: `FLEET_BROKER__PORT=8883`.
 """
 
 import os
+import secrets
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from fleet.protocol.topics import check_id
 
 
 def default_home() -> Path:
@@ -44,7 +47,21 @@ class ServerSettings(BaseModel):
     batch_window_ms: float = Field(5.0, ge=0, le=1000)
     idle_timeout_s: float = Field(60.0, gt=0)
     max_sessions: int = Field(64, ge=1)
+    # Sessions one board may hold at once: a compromised board cannot starve the others.
+    max_sessions_per_device: int = Field(16, ge=1)
     memory_budget_mb: float = Field(4096, gt=0)
+    # Servers claim opens through `$share/<share_group>/...`. Mosquitto 2.0 does not check
+    # SUBSCRIBE against the ACL, so a board that knows the name can join the group and swallow
+    # the opens it is handed (it cannot read them): keep the name secret. The default is
+    # generated per process, which is right for one server; every server of a multi-server
+    # fleet must be given the same value (docs/security.md).
+    share_group: SecretStr = Field(default_factory=lambda: SecretStr(secrets.token_hex(12)))
+
+    @field_validator("share_group")
+    @classmethod
+    def _share_group_is_one_level(cls, value: SecretStr) -> SecretStr:
+        check_id("share group", value.get_secret_value())
+        return value
 
 
 class DeviceSettings(BaseModel):

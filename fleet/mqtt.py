@@ -21,6 +21,16 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, Field
 
 from fleet.config import BrokerSettings
+from fleet.logging import get_logger
+
+# paho keeps every QoS 1 message in memory until its PUBACK; while the broker is away nothing
+# is acknowledged, so without a bound a long outage (or a server decoding for its sessions)
+# grows the queue without limit. Beyond it, publish() reports MQTT_ERR_QUEUE_SIZE and the
+# message is dropped and logged: boards and servers recover from a lost message by resync.
+MAX_QUEUED_MESSAGES = 1000
+# Mosquitto's default ReceiveMaximum (`max_inflight_messages 20`): more in flight would only
+# wait in the broker.
+MAX_INFLIGHT_MESSAGES = 20
 
 
 class MqttError(Exception):
@@ -83,6 +93,24 @@ class FleetClient(mqtt.Client):
         self._puback_reasons: dict[int, ReasonCode] = {}
         self.on_publish = self._record_puback
         self.on_socket_open = _no_delay
+        self._log = get_logger(component="mqtt", client=client_id)
+
+    def publish(
+        self,
+        topic: str,
+        payload: mqtt.PayloadType = None,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> mqtt.MQTTMessageInfo:
+        """paho's publish; a message refused because the outgoing queue is full is logged
+        here, the one place every publish passes."""
+        info = super().publish(topic, payload, qos, retain, properties)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            self._log.warning(
+                "publish_dropped", topic=topic, reason=f"{self.max_queued_messages} messages wait for the broker"
+            )
+        return info
 
     def _record_puback(
         self,
@@ -222,6 +250,8 @@ def make_client(
         client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
     # Broker restarts are a normal day: retry quickly instead of paho's 2-minute ceiling.
     client.reconnect_delay_set(min_delay=1, max_delay=10)
+    client.max_inflight_messages_set(MAX_INFLIGHT_MESSAGES)
+    client.max_queued_messages_set(MAX_QUEUED_MESSAGES)
     properties = Properties(PacketTypes.CONNECT)
     properties.SessionExpiryInterval = session_expiry_s
     client.connect_async(

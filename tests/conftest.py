@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -20,11 +20,31 @@ from fleet.config import BrokerSettings
 from fleet.models.tiny import write_tiny_models
 from fleet.mqtt import FleetClient, make_client
 
+if TYPE_CHECKING:  # fleet.local pulls in torch: import it only where a fleet is built
+    from fleet.local import FleetModels
+
 # The identities every secured fixture provisions; tests refer to them by these names.
 DEVICES = ("board-a", "board-b")
 SERVERS = ("server-1",)
 APPS = ("app-1",)
 OBSERVERS = ("ops",)
+
+# Prompts of the end-to-end and fault tests, and how many tokens each generates.
+PROMPTS = [
+    "def add(a, b):",
+    "The quick brown fox",
+    "MQTT is a lightweight",
+    "for i in range(10):",
+    "Temperature in the greenhouse",
+    "class Sensor:",
+    "Write a function that returns",
+    "import json",
+    "Edge boards draft tokens",
+    "if value > threshold:",
+    "The server verifies",
+    "humidity is 60 percent",
+]
+NEW_TOKENS = 64
 
 
 def _fleet_broker(directory: Path, tls: bool, persistence: bool = False) -> LocalBroker:
@@ -72,6 +92,28 @@ def mosquitto_persistent(tmp_path: Path) -> Iterator[LocalBroker]:
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(target_dir, draft_dir) of the seeded tiny Qwen2 pair, written once per test run."""
     return write_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def fleet_models(tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> "FleetModels":
+    from fleet.local import FleetModels
+    from fleet.models.export import export_draft
+
+    target, draft = tiny_models
+    report = export_draft(draft, tmp_path_factory.mktemp("draft") / "onnx", "none")
+    return FleetModels(target_name="tiny", target_dir=target, draft_dir=report.out)
+
+
+@pytest.fixture(scope="session")
+def references(fleet_models: "FleetModels") -> dict[str, list[int]]:
+    """Target-alone greedy output of each prompt (`model.generate`, one prompt at a time)."""
+    from tokenizers import Tokenizer
+
+    from fleet.demo import reference_tokens
+
+    tokenizer = Tokenizer.from_file(str(fleet_models.draft_dir / "tokenizer.json"))
+    ids = [tokenizer.encode(p).ids for p in PROMPTS]
+    return dict(zip(PROMPTS, reference_tokens(fleet_models.target_dir, ids, NEW_TOKENS), strict=True))
 
 
 class Inbox:

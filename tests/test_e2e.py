@@ -10,50 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-import pytest
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fleet.config import DeviceSettings, ServerSettings
-from fleet.demo import reference_tokens
 from fleet.local import APP_ID, FleetModels, LocalFleet
 from fleet.protocol import DraftMessage, GenerationRequest, Topics, decode_verdict, encode
-
-PROMPTS = [
-    "def add(a, b):",
-    "The quick brown fox",
-    "MQTT is a lightweight",
-    "for i in range(10):",
-    "Temperature in the greenhouse",
-    "class Sensor:",
-    "Write a function that returns",
-    "import json",
-    "Edge boards draft tokens",
-    "if value > threshold:",
-    "The server verifies",
-    "humidity is 60 percent",
-]
-NEW_TOKENS = 64
-
-
-@pytest.fixture(scope="session")
-def fleet_models(tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> FleetModels:
-    from fleet.models.export import export_draft
-
-    target, draft = tiny_models
-    report = export_draft(draft, tmp_path_factory.mktemp("draft") / "onnx", "none")
-    return FleetModels(target_name="tiny", target_dir=target, draft_dir=report.out)
-
-
-@pytest.fixture(scope="session")
-def references(fleet_models: FleetModels) -> dict[str, list[int]]:
-    """Target-alone greedy output of each prompt (`model.generate`, one prompt at a time)."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(fleet_models.draft_dir / "tokenizer.json"))
-    ids = [tokenizer.encode(p).ids for p in PROMPTS]
-    return dict(zip(PROMPTS, reference_tokens(fleet_models.target_dir, ids, NEW_TOKENS), strict=True))
+from tests.conftest import NEW_TOKENS, PROMPTS
 
 
 def _fleet(models: FleetModels, tmp_path: Path, devices: list[str], **kwargs: object) -> LocalFleet:

@@ -49,9 +49,11 @@ class Topics:
         return f"{self.root}/devices/{check_id('device', device)}/responses/"
 
     # Subscriptions (wildcards).
-    def all_opens_shared(self) -> str:
-        """Servers claim new sessions through one shared subscription: exactly one gets each."""
-        return f"$share/{SHARE_GROUP}/{self.root}/devices/+/sessions/+/open"
+    def all_opens_shared(self, group: str = SHARE_GROUP) -> str:
+        """Servers claim new sessions through one shared subscription: exactly one gets each.
+        Servers pass their secret group name (ServerSettings.share_group; see
+        docs/security.md): any client that knows the name can join the group."""
+        return f"$share/{check_id('share group', group)}/{self.root}/devices/+/sessions/+/open"
 
     def all_device_status(self) -> str:
         return f"{self.root}/devices/+/status"
