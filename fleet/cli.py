@@ -213,6 +213,19 @@ def demo(
         raise typer.Exit(1)
 
 
+def _server_only(name: str, exc: ImportError) -> typer.Typer:
+    """Stands in for a command group whose modules need the `server` extra (torch), so that a
+    board, which installs only the `device` extra, still has a working `fleet` CLI."""
+    stub = typer.Typer(help=f"(needs the server extra: {exc.name} is not installed)", invoke_without_command=True)
+
+    @stub.callback()
+    def unavailable() -> None:
+        console.print(f"fleet {name}: needs the server extra (pip install 'sled-fleet[server]'): {exc}")
+        raise typer.Exit(2)
+
+    return stub
+
+
 def _register_subcommands() -> None:
     from broker.cli import broker_command
     from fleet.models.cli import models_app
@@ -220,7 +233,18 @@ def _register_subcommands() -> None:
 
     app.command("broker")(broker_command)
     app.command("status", cls=UsageErrorsExitOne)(status_command)
+    try:
+        from fleet.models.export import export_draft_command
+
+        models_app.command("export-draft")(export_draft_command)
+    except ImportError as exc:
+        models_app.add_typer(_server_only("models export-draft", exc), name="export-draft")
     app.add_typer(models_app, name="models")
+    try:
+        from fleet.bench.cli import bench_app
+    except ImportError as exc:
+        bench_app = _server_only("bench", exc)
+    app.add_typer(bench_app, name="bench")
 
 
 _register_subcommands()

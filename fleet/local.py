@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from broker.process import LocalBroker, prepare_local_broker
 from device.agent import BoardAgent
@@ -26,8 +26,9 @@ from fleet.metrics import (
 )
 from fleet.mqtt import FleetClient, make_client
 from fleet.protocol import DeviceStatus, ProtocolError, ServerStatus, Topics, decode_json
-from server.engine import Engine
-from server.service import VerificationService
+
+if TYPE_CHECKING:  # torch is imported only when a server actually starts
+    from server.service import VerificationService
 
 APP_ID = "app"
 OBSERVER_ID = "ops"
@@ -59,7 +60,7 @@ class LocalFleet:
     metrics: bool = False
 
     broker: LocalBroker = field(init=False)
-    services: dict[str, VerificationService] = field(init=False, default_factory=dict)
+    services: dict[str, "VerificationService"] = field(init=False, default_factory=dict)
     agents: dict[str, BoardAgent] = field(init=False, default_factory=dict)
     app: AppClient = field(init=False)
     _app_client: FleetClient = field(init=False)
@@ -101,7 +102,10 @@ class LocalFleet:
         self.app = AppClient(self._app_client, Topics(self.broker.credentials.topic_root))
         self.wait_online(set(self.servers), set(self.devices))
 
-    def start_server(self, server_id: str) -> VerificationService:
+    def start_server(self, server_id: str) -> "VerificationService":
+        from server.engine import Engine
+        from server.service import VerificationService
+
         server = self.server.model_copy(update={"server_id": server_id})
         engine = Engine(
             self.models.target_dir,
