@@ -25,7 +25,8 @@ from fleet.sampling import SamplingParams, SparseDist
 
 @dataclass(frozen=True)
 class DraftBatch:
-    """Drafted tokens, q per token when sampling (None when greedy), and the confidences."""
+    """Drafted tokens, q per token when sampling (None when greedy), and the confidences:
+    the top probability of the softmax at temperature 1 when greedy, of q when sampling."""
 
     tokens: tuple[int, ...]
     q: tuple[SparseDist, ...] | None

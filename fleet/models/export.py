@@ -456,7 +456,7 @@ def export_draft_command(
     ],
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="output directory [default: FLEET_HOME/drafts/NAME-QUANT]"),
+        typer.Option("--out", help="output directory (default: FLEET_HOME/drafts/NAME-QUANT)"),
     ] = None,
     quant: Annotated[str, typer.Option("--quant", help="none | int8 | int4")] = "none",
     tolerance: Annotated[
