@@ -9,7 +9,7 @@ clean "busy" and never disturbs sessions already running.
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -119,7 +119,10 @@ class Engine:
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
         max_sessions: int = 64,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        eos_token_ids: Iterable[int] | None = None,
     ) -> None:
+        """`eos_token_ids` None takes the model's (generation config first, as `generate()`
+        does); pass others for chat templates with extra end ids, or none to ignore EOS."""
         if k_max < 0:
             raise ValueError(f"k_max must be >= 0, got {k_max}")
         self._runner = TargetRunner(model_dir_or_model, dtype=dtype, device=device)
@@ -128,7 +131,9 @@ class Engine:
         self.max_sessions = max_sessions
         self.vocab_size = self._runner.vocab_size
         self.max_context = self._runner.max_context
-        self.eos_token_ids = self._runner.eos_token_ids
+        self.eos_token_ids = (
+            self._runner.eos_token_ids if eos_token_ids is None else frozenset(eos_token_ids)
+        )
         self.kv_bytes_per_token = self._runner.kv_shape.bytes_per_token
         self.tokenizer = (
             tokenizer if tokenizer is not None else _tokenizer_beside(model_dir_or_model)
