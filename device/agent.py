@@ -88,8 +88,8 @@ class BoardAgent:
         self.device_id = settings.device.device_id
         self.topics = Topics(settings.topic_root)
         self.draft_dir = Path(draft_dir)
-        self._new_runner = runner_factory or (lambda: DraftRunner(self.draft_dir))
-        probe = self._new_runner()
+        probe = runner_factory() if runner_factory is not None else DraftRunner(self.draft_dir)
+        self._new_runner = runner_factory or probe.fork
         self.tokenizer = probe.tokenizer
         self.draft_name = probe.manifest.name
         self._idle_runners: queue.SimpleQueue[DraftRunner] = queue.SimpleQueue()

@@ -6,6 +6,7 @@ continue from the cut. Only onnxruntime, numpy and tokenizers are imported: boar
 torch.
 """
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,6 +57,14 @@ class DraftRunner:
             quant=self.manifest.quant,
             providers=self.session.get_providers(),
         )
+
+    def fork(self) -> "DraftRunner":
+        """A runner with a KV cache of its own over this runner's ONNX session: concurrent
+        requests on a board share one copy of the weights (InferenceSession.run is
+        thread-safe) instead of loading the model once per request."""
+        twin = copy.copy(self)
+        twin.reset()
+        return twin
 
     @property
     def length(self) -> int:

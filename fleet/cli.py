@@ -189,7 +189,7 @@ def generate(
 def demo(
     tiny: Annotated[bool, typer.Option("--tiny", help="Seeded tiny models instead of the Qwen pair.")] = False,
     devices: Annotated[int, typer.Option("--devices", min=1, max=32, help="Boards to start.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 0,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, max=1024, help="Per prompt [default: 64 tiny, 48 Qwen].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     config: ConfigOpt = None,
     log_level: LevelOpt = None,

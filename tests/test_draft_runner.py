@@ -278,3 +278,14 @@ def test_model_from_another_export_is_named(model_copy):
     edit_manifest(model_copy, num_kv_heads=4)
     with pytest.raises(DraftModelError, match=r"model\.onnx has KV heads x head dim 2x16"):
         DraftRunner(model_copy)
+
+
+def test_forked_runners_share_the_session_but_not_the_cache(runner, prompt):
+    twin = runner.fork()
+    assert twin.session is runner.session and twin.length == 0
+    first = runner.prefill(prompt)
+    other = twin.prefill(prompt[:-2])
+    assert runner.length == len(prompt) and twin.length == len(prompt) - 2
+    np.testing.assert_array_equal(twin.feed(prompt[-2:]), first)
+    runner.step(int(np.argmax(first)))
+    assert twin.length == len(prompt) and not np.array_equal(other, first)
