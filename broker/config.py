@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 
 from fleet.config import BrokerSettings
 
-Role = Literal["device", "server", "app", "observer"]
+Role = Literal["device", "server", "app", "observer", "bridge"]
 
 # Pattern ACLs substitute the username into topics; mosquitto itself refuses usernames with
 # `+`, `#` or `/` there, and spaces or colons would break the ACL and password file formats.
@@ -68,6 +68,29 @@ class TlsMaterial(BaseModel):
     require_certificate: bool = False
 
 
+class BridgeTopic(BaseModel):
+    """One topic filter a Mosquitto bridge carries. The direction is seen from the broker that
+    opens the bridge: `out` copies its messages to the other broker, `in` the other's to it.
+    On the accepting broker, the bridge's identity may write the `out` filters and read the
+    `in` ones, nothing else."""
+
+    pattern: str
+    direction: Literal["in", "out"]
+    qos: int = Field(1, ge=0, le=2)
+
+
+class BridgeSpec(BaseModel):
+    """A bridge this broker opens to another broker (a Mosquitto `connection` section),
+    logging in there as the identity `name` of role "bridge"."""
+
+    name: str = Field(pattern=_NAME.pattern)  # also a client id and a topic level
+    host: str
+    port: int = Field(ge=1, le=65535)
+    password: SecretStr
+    ca_file: Path | None = None  # the other broker's CA: the link uses TLS when given
+    topics: list[BridgeTopic]
+
+
 class BrokerSpec(BaseModel):
     """One local broker: a single listener, who may connect, and where state lives."""
 
@@ -79,6 +102,14 @@ class BrokerSpec(BaseModel):
     anonymous: bool = False
     persistence_dir: Path | None = None
     max_packet_size: int = Field(1_048_576, ge=1024)
+    # Mosquitto lets any authenticated client take over another's connection by connecting
+    # with the same client id (a denial of service; docs/security.md). With this on, the
+    # username is the client id, at the price of one connection per identity.
+    username_as_client_id: bool = False
+    # Bridges this broker opens, and what each accepted bridge identity (role "bridge") may
+    # carry here (broker/bridge.py builds both for a multi-site fleet).
+    bridges: list[BridgeSpec] = []
+    bridge_topics: dict[str, list[BridgeTopic]] = {}
     # Started as root, mosquitto drops to the `mosquitto` user and can then no longer read
     # files in a private directory (DESIGN.md section 7); staying root avoids that.
     run_as_root: bool = Field(default_factory=lambda: os.geteuid() == 0)
@@ -93,6 +124,8 @@ class BrokerSpec(BaseModel):
             raise ValueError("anonymous access and a password file exclude each other")
         if not self.anonymous and not self.identities:
             raise ValueError("with anonymous access off, at least one identity is needed")
+        if sorted(self.bridge_topics) != sorted(self.names("bridge")):
+            raise ValueError("every bridge identity needs its bridge_topics, and only those")
         return self
 
     def names(self, role: Role) -> list[str]:
@@ -115,6 +148,7 @@ def template_vars(spec: BrokerSpec, directory: Path) -> dict[str, Any]:
     return {
         "mosquitto_listeners": [listener],
         "mosquitto_allow_anonymous": spec.anonymous,
+        "mosquitto_use_username_as_clientid": spec.username_as_client_id,
         "mosquitto_password_file": str(directory / PASSWORD_FILE) if secured else "",
         "mosquitto_acl_file": str(directory / ACL_FILE) if secured else "",
         "mosquitto_persistence_dir": str(spec.persistence_dir) if spec.persistence_dir else "",
@@ -125,6 +159,21 @@ def template_vars(spec: BrokerSpec, directory: Path) -> dict[str, Any]:
         "mosquitto_servers": spec.names("server"),
         "mosquitto_apps": spec.names("app"),
         "mosquitto_observers": spec.names("observer"),
+        "mosquitto_bridge_users": [
+            {"name": name, "topics": [topic.model_dump() for topic in topics]}
+            for name, topics in spec.bridge_topics.items()
+        ],
+        "mosquitto_bridges": [
+            {
+                "name": bridge.name,
+                "address": f"{bridge.host}:{bridge.port}",
+                "remote_username": bridge.name,
+                "remote_password": bridge.password.get_secret_value(),
+                "cafile": str(bridge.ca_file) if bridge.ca_file else "",
+                "topics": [topic.model_dump() for topic in bridge.topics],
+            }
+            for bridge in spec.bridges
+        ],
     }
 
 
@@ -150,6 +199,8 @@ def render(spec: BrokerSpec, directory: Path) -> Path:
         (directory / ACL_FILE).write_text(render_template("acl.j2", variables))
         write_password_file(directory / PASSWORD_FILE, spec.identities)
     config = directory / CONFIG_FILE
+    config.unlink(missing_ok=True)
+    config.touch(mode=0o600 if spec.bridges else 0o644)  # a bridge's password is in it
     config.write_text(render_template("mosquitto.conf.j2", variables))
     return config
 

@@ -10,14 +10,23 @@ import socket
 import subprocess
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from broker.certs import DEFAULT_HOSTS, broker_tls
-from broker.config import BrokerCredentials, BrokerIdentity, BrokerSpec, Role, find_tool, render
+from broker.config import (
+    BridgeSpec,
+    BridgeTopic,
+    BrokerCredentials,
+    BrokerIdentity,
+    BrokerSpec,
+    Role,
+    find_tool,
+    render,
+)
 from fleet.config import BrokerSettings
 from fleet.logging import get_logger
 
@@ -198,18 +207,24 @@ def prepare_local_broker(
     persistence: bool = False,
     topic_root: str = "sled/v1",
     previous: BrokerCredentials | None = None,
+    bridges: Sequence[BridgeSpec] = (),
+    bridge_topics: Mapping[str, Sequence[BridgeTopic]] | None = None,
 ) -> LocalBroker:
     """Render a local broker into `directory` (not started: use it as a context manager).
 
     Every named identity gets a random password, except that one already in `previous` keeps
     its password, so re-provisioning does not lock out clients configured earlier. With no
-    names at all the broker is anonymous (tests and experiments only).
+    names at all the broker is anonymous (tests and experiments only). `bridges` are links
+    this broker opens; `bridge_topics` names the bridge identities it accepts and what each
+    may carry (broker/bridge.py).
     """
+    accepted = {name: list(topics) for name, topics in (bridge_topics or {}).items()}
     roles: dict[Role, Sequence[str]] = {
         "device": devices,
         "server": servers,
         "app": apps,
         "observer": observers,
+        "bridge": list(accepted),
     }
     known = {identity.name: identity for identity in previous.identities} if previous else {}
     identities = [
@@ -226,6 +241,8 @@ def prepare_local_broker(
         anonymous=not identities,
         topic_root=topic_root,
         persistence_dir=directory / "data" if persistence else None,
+        bridges=list(bridges),
+        bridge_topics=accepted,
     )
     credentials = BrokerCredentials(
         host="127.0.0.1",

@@ -8,7 +8,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from pydantic import ValidationError
@@ -69,6 +69,7 @@ def serve(
     credentials: CredsOpt = None,
     server_id: Annotated[str | None, typer.Option("--id", help="Server id [default: the broker username].")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Target: catalog name or checkpoint directory.")] = None,
+    speculation: Annotated[Literal["adaptive", "fixed"] | None, typer.Option("--speculation", help="How next_k is chosen: adaptive (default) or fixed (always k_max).")] = None,
     metrics_port: MetricsPortOpt = None,
     log_level: LevelOpt = None,
     log_format: FormatOpt = None,
@@ -78,6 +79,7 @@ def serve(
     server = settings.server.model_copy(update={k: v for k, v in {
         "server_id": server_id or settings.broker.username or settings.server.server_id,
         "target_model": model,
+        "speculation": speculation,
     }.items() if v})
     settings = settings.model_copy(update={"server": server})
     from fleet.models.store import ModelStore, ModelStoreError

@@ -50,6 +50,9 @@ class ServerSettings(BaseModel):
     # Sessions one board may hold at once: a compromised board cannot starve the others.
     max_sessions_per_device: int = Field(16, ge=1)
     memory_budget_mb: float = Field(4096, gt=0)
+    # How each verdict's next_k is chosen (docs/speculation.md): "adaptive" plans every
+    # batch for the most committed tokens/s; "fixed" always suggests k_max (comparisons).
+    speculation: Literal["adaptive", "fixed"] = "adaptive"
     # Servers claim opens through `$share/<share_group>/...`. Mosquitto 2.0 does not check
     # SUBSCRIBE against the ACL, so a board that knows the name can join the group and swallow
     # the opens it is handed (it cannot read them): keep the name secret. The default is

@@ -30,6 +30,7 @@ from fleet.protocol import (
     encode,
 )
 from server.engine import DraftProposal, Engine, Verdict
+from server.speculation import make_policy, round_trip_s
 
 STATUS_PERIOD_S = 5.0
 # Messages received but not yet taken by the scheduler. Normally a batch's worth; a flood (a
@@ -57,6 +58,9 @@ class Route:
     committed_len: int = 0
     last_active: float = field(default_factory=time.monotonic)
     server_decodes: bool = False
+    # For the speculation policy's round-trip estimate (this server's monotonic clock).
+    verdict_sent_at: float | None = None
+    draft_received_at: float = 0.0
 
     @property
     def key(self) -> str:
@@ -106,6 +110,10 @@ class VerificationService:
         self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=INBOX_LIMIT)
         self.routes: dict[str, Route] = {}
         self.stats = ServiceStats()
+        self.speculation = make_policy(settings.server.speculation, engine.k_max)
+        # Whether this server is in the shared subscription that claims opens (see
+        # _update_claiming); read by the network thread on reconnect.
+        self._claiming = True
         # Always recorded (cheap); served only when `fleet serve --metrics-port` asks.
         self.metrics = metrics or ServerMetrics()
         self.metrics.track_load(sessions=lambda: len(self.routes), queue_depth=self.inbox.qsize)
@@ -130,10 +138,15 @@ class VerificationService:
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, properties: object) -> None:
         """Subscriptions are renewed on every (re)connect: Mosquitto 2.0.11 does not restore
         shared subscriptions of a resumed session, and a clean start has none."""
-        client.subscribe(self.topics.all_opens_shared(self.settings.server.share_group.get_secret_value()), qos=1)
+        if self._claiming:
+            client.subscribe(self._shared_opens, qos=1)
         for route in list(self.routes.values()):
             client.subscribe(self.topics.draft(route.device, route.session), qos=1)
         self._last_status = 0.0  # publish a fresh status from the scheduler soon
+
+    @property
+    def _shared_opens(self) -> str:
+        return self.topics.all_opens_shared(self.settings.server.share_group.get_secret_value())
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         try:
@@ -197,7 +210,13 @@ class VerificationService:
                 self.log.warning("message_dropped", topic=item.topic, reason="unexpected topic")
                 continue
             with structlog.contextvars.bound_contextvars(device=device, session=session):
-                accepted = self._admit(device, session, kind, item)
+                try:
+                    accepted = self._admit(device, session, kind, item)
+                except Exception:  # a bug reached by one message must not stop the server
+                    self.log.exception("draft_failed", kind=kind)
+                    self._reject(device, session, -1, "internal", "the server failed on this message")
+                    self._close(session_key(device, session))
+                    continue
                 if accepted is not None:
                     proposals.append(accepted)
         return proposals
@@ -257,6 +276,7 @@ class VerificationService:
                 f"committed_len {message.committed_len} differs from the server's {route.committed_len}",
             )
             return None
+        route.draft_received_at = item.received
         return route, message
 
     def _open(self, device: str, session: str, message: DraftMessage) -> tuple[Route, DraftMessage] | None:
@@ -282,6 +302,7 @@ class VerificationService:
             server_decodes=message.server_decodes,
         )
         self.routes[key] = route
+        self._update_claiming()
         # Subscribed before the first verdict goes out, so the board's next draft finds us.
         self.client.subscribe(self.topics.draft(device, session), qos=1)
         self.log.info("session_opened", context=len(message.context), generated=message.generated)
@@ -289,11 +310,23 @@ class VerificationService:
 
     def _verify(self, proposals: list[tuple[Route, DraftMessage]]) -> None:
         started = time.perf_counter()
-        verdicts = self.engine.verify(
-            [DraftProposal(session_id=route.key, tokens=m.tokens, q=m.q) for route, m in proposals]
-        )
+        try:
+            verdicts = self.engine.verify(
+                [DraftProposal(session_id=route.key, tokens=m.tokens, q=m.q) for route, m in proposals]
+            )
+        except Exception:
+            # A failure the engine did not turn into error verdicts (a bug some input reached)
+            # leaves these sessions in an unknown state: close them, so that their boards
+            # re-open with their whole context, and carry on with everyone else.
+            self.log.exception("batch_failed", sessions=len(proposals))
+            for route, message in proposals:
+                with structlog.contextvars.bound_contextvars(device=route.device, session=route.session):
+                    self._reject(route.device, route.session, message.seq, "internal", "the server failed to verify this batch")
+                    self._close(route.key)
+            return
         elapsed = time.perf_counter() - started
         self.metrics.record_batch(len(proposals), elapsed)
+        self._observe_speculation(proposals, verdicts, elapsed)
         drafted = accepted = committed = 0
         for (route, message), verdict in zip(proposals, verdicts, strict=True):
             # Counted before it is published: whoever sees the verdict must find it counted.
@@ -309,6 +342,20 @@ class VerificationService:
         self.stats.record(len(proposals), elapsed, drafted, accepted, committed)
         self.log.info("batch_verified", sessions=len(proposals), seconds=round(elapsed, 4), committed=committed)
 
+    def _observe_speculation(
+        self, proposals: list[tuple[Route, DraftMessage]], verdicts: list[Verdict], verify_s: float
+    ) -> None:
+        """What the k policy learns from one batch. All of it is reported before the first
+        verdict goes out: the plan for the next batch is made at the first next_k."""
+        verified = [(r, m, v) for (r, m), v in zip(proposals, verdicts, strict=True) if v.error_code is None]
+        self.speculation.observe_batch(sum(len(m.tokens) + 1 for _, m, _ in verified), verify_s)
+        for route, message, verdict in verified:
+            if route.server_decodes:
+                continue
+            drafted = len(message.tokens)
+            rtt = round_trip_s(route.verdict_sent_at, route.draft_received_at, drafted, message.draft_ms)
+            self.speculation.observe_verdict(route.key, drafted, verdict.accepted, message.draft_ms, rtt)
+
     def _publish_verdict(self, route: Route, message: DraftMessage, verdict: Verdict) -> None:
         payload = encode(
             VerdictMessage(
@@ -320,7 +367,7 @@ class VerificationService:
                 committed_len=verdict.committed_len,
                 finished=verdict.finished,
                 reason=verdict.reason,
-                next_k=self.engine.k_max,
+                next_k=None if route.server_decodes else self.speculation.next_k(route.key, len(self.routes)),
                 error_code=verdict.error_code,
                 error=verdict.error,
             ),
@@ -331,6 +378,7 @@ class VerificationService:
         route.committed_len = verdict.committed_len
         route.last_active = time.monotonic()
         self.client.publish(self.topics.verdict(route.device, route.session), payload, qos=1)
+        route.verdict_sent_at = time.monotonic()
         if verdict.error_code is not None:
             self.log.warning("draft_refused", seq=message.seq, code=verdict.error_code, reason=verdict.error)
         if verdict.finished:
@@ -356,6 +404,23 @@ class VerificationService:
         self.engine.close(key)
         if route is not None:
             self.client.unsubscribe(self.topics.draft(route.device, route.session))
+        self.speculation.forget(key)
+        self._update_claiming()
+
+    def _update_claiming(self) -> None:
+        """A full server leaves the shared subscription on the open topic, so that the broker
+        hands new sessions to servers with room instead of this one answering "busy"; it
+        joins again as soon as a session ends. (With every server full an open reaches no
+        one: the board's verdict timeout and its retry cover that.)"""
+        claiming = len(self.routes) < self.settings.server.max_sessions
+        if claiming == self._claiming:
+            return
+        self._claiming = claiming
+        if claiming:
+            self.client.subscribe(self._shared_opens, qos=1)
+        else:
+            self.client.unsubscribe(self._shared_opens)
+        self.log.info("claiming_changed", claiming=claiming, sessions=len(self.routes))
 
     def _housekeeping(self) -> None:
         now = time.monotonic()

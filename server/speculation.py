@@ -1,0 +1,476 @@
+"""Adaptive speculation length: the k each verdict suggests to its board.
+
+Drafting more tokens pays while the server's forward pass is memory-bound (extra tokens in the
+batch are almost free) and loses once it is compute-bound (every token costs its share, and the
+whole batch waits for it). So the server chooses the ks of all sessions of a batch together, to
+maximise the committed tokens per second of the *whole batch*: a session that drafts more slows
+every other session in the same forward pass. The model, in short (docs/speculation.md has it
+in full), with sessions j in lockstep rounds of drafting, round trip and one forward pass:
+
+    E_j(k)   = 1 + sum_{m=1..k} prod_{i=1..m} a_ji        expected committed tokens per round
+               (= (1 - alpha^(k+1)) / (1 - alpha) when every a_ji = alpha)
+    T        = sum_j (k_j + 1)                            tokens in the forward pass
+    V(T)     = c0 + c1 * max(0, T - knee)                 verification seconds
+    rate(ks) = sum_j E_j(k_j) / (k_j * t_j + rtt_j + V(T))
+
+`plan_batch` maximises rate(ks). Under heavy load every drafted token slows the pass more than
+it gains and all ks fall to 0, which is plain decoding: speculation then costs nothing over the
+server alone (but the round trip).
+
+Everything here is plain arithmetic on estimates; the service feeds the estimators with what it
+measures (`observe_batch`, `observe_verdict`) and asks `next_k` when it publishes a verdict.
+`SpeculationPolicy` is not thread-safe: the service's scheduler thread owns it.
+"""
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+PolicyKind = Literal["adaptive", "fixed"]
+
+# Each verdict multiplies a session's acceptance evidence by this: about the last 20 rounds
+# count, so the estimate follows a session from code into prose within tens of rounds.
+DEFAULT_DECAY = 0.95
+# Before any evidence: acceptance 0.6 worth 2 drafted tokens (weak; two rounds override it).
+PRIOR_ALPHA = 0.6
+PRIOR_ALPHA_WEIGHT = 2.0
+# A position's own acceptance counts as much as this many observations of the overall rate
+# before it outweighs it (positions far out are reached rarely).
+POSITION_SHRINKAGE = 4.0
+# Weight of the newest draft-time and round-trip measurement in their moving averages.
+TIME_EWMA = 0.3
+# Until measured: a board step of 20 ms (a Pi-class board) and a 10 ms round trip (one LAN).
+PRIOR_DRAFT_STEP_S = 0.020
+PRIOR_ROUND_TRIP_S = 0.010
+# A drafted token must add at least this fraction of its session's rate: a flat optimum is no
+# reason to load the server.
+RATE_TOLERANCE = 1e-3
+# Load fit: recent (tokens, seconds) samples kept; timing noise below this fraction of the
+# mean is not evidence of a knee; each parameter a model adds must pay for itself by this much
+# in the information criterion (2 is Akaike's; more keeps jitter from passing for a knee).
+LOAD_WINDOW = 512
+LOAD_NOISE_FLOOR = 0.02
+LOAD_PARAMETER_PENALTY = 3.0
+
+
+# --- the load model ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadModel:
+    """Seconds of one verification forward pass over T tokens (all sessions' drafts plus one
+    token each): flat at `c0_s` while memory-bound, then `c1_s` per token past `knee_tokens`."""
+
+    c0_s: float
+    knee_tokens: float
+    c1_s: float
+
+    def __post_init__(self) -> None:
+        if self.c0_s <= 0 or self.knee_tokens < 0 or self.c1_s < 0:
+            raise ValueError(f"a load model needs c0 > 0, knee >= 0 and c1 >= 0, got {self}")
+
+    def seconds(self, tokens: np.ndarray) -> np.ndarray:
+        return self.c0_s + self.c1_s * np.maximum(
+            0.0, np.asarray(tokens, dtype=float) - self.knee_tokens
+        )
+
+
+# Roofline-shaped prior (past the knee each token costs the floor spread over the knee's
+# tokens), with the knee of the 1.5B target on 2 CPU cores (DESIGN.md section 8). The floor is
+# replaced by the first measurement; the knee only matters until the batches reach it.
+PRIOR_LOAD = LoadModel(c0_s=0.05, knee_tokens=24.0, c1_s=0.05 / 24.0)
+
+
+def fit_load_model(
+    tokens: Sequence[float], seconds: Sequence[float], prior: LoadModel = PRIOR_LOAD
+) -> LoadModel:
+    """The load model that best explains measured (tokens in batch, verify seconds) pairs.
+
+    Samples are reduced to the median per token count (robust to a scheduler hiccup on a
+    shared machine). Candidates, simplest first:
+    - the prior's shape scaled to the data (one parameter: what little data can support);
+    - flat over everything seen, the knee past the largest batch seen (and the prior's
+      roofline slope beyond it, so a batch larger than any seen is never assumed free);
+    - one line over everything seen (the knee lies below the smallest batch seen);
+    - a roofline max(c0, c1*T), split at each observed count;
+    - a hinge at each observed count: the floor is the mean below it, the slope a
+      least-squares line through (knee, floor) above it.
+    The winner has the lowest information criterion m*log(SSE/m) + penalty*parameters over the
+    m distinct counts, with a noise floor in the SSE so timing jitter is never taken for a knee.
+    """
+    t_all = np.asarray(tokens, dtype=float)
+    y_all = np.asarray(seconds, dtype=float)
+    if t_all.size == 0:
+        return prior
+    order = np.lexsort((y_all, t_all))  # by token count, then seconds: medians by position
+    t, start, counts = np.unique(t_all[order], return_index=True, return_counts=True)
+    ranked = y_all[order]
+    y = (ranked[start + (counts - 1) // 2] + ranked[start + counts // 2]) / 2
+    w = counts.astype(float)
+    m = t.size
+    mean = max(float(np.average(y, weights=w)), 1e-6)
+    noise = (LOAD_NOISE_FLOOR * mean) ** 2 * m
+
+    def score(model: LoadModel, parameters: int) -> float:
+        sse = float(np.sum(w * (y - model.seconds(t)) ** 2))
+        return m * math.log((sse + noise) / m) + LOAD_PARAMETER_PENALTY * parameters
+
+    shape = prior.seconds(t)
+    scale = max(float(np.sum(w * y * shape) / np.sum(w * shape * shape)), 1e-6)
+    flat_knee = max(prior.knee_tokens, float(t[-1]))
+    candidates = [  # (model, parameters), simplest first
+        (LoadModel(scale * prior.c0_s, prior.knee_tokens, scale * prior.c1_s), 1),
+        (LoadModel(mean, flat_knee, mean / max(flat_knee, 1.0)), 1),
+    ]
+    if m >= 3 and (line := _line(t, y, w)) is not None:
+        candidates.append((line, 2))
+    if m >= 2:
+        candidates.append((_best_roofline(t, y, w), 2))
+    if m >= 5:
+        candidates.append((_best_hinge(t, y, w), 3))
+    scores = [score(model, parameters) for model, parameters in candidates]
+    return candidates[int(np.argmin(np.round(scores, 9)))][0]  # a tie keeps the simpler
+
+
+def _line(t: np.ndarray, y: np.ndarray, w: np.ndarray) -> LoadModel | None:
+    """The weighted least-squares line, as a hinge at the smallest count; None if not rising."""
+    slope = float(np.cov(t, y, aweights=w)[0, 1] / np.cov(t, aweights=w))
+    if slope <= 0:
+        return None
+    at_first = float(np.average(y, weights=w) + slope * (t[0] - np.average(t, weights=w)))
+    return LoadModel(max(at_first, 1e-6), float(t[0]), slope)
+
+
+def _best_roofline(t: np.ndarray, y: np.ndarray, w: np.ndarray) -> LoadModel:
+    """The least-squares roofline max(c0, c1*T) (a hinge whose line passes through the origin,
+    knee = c0/c1): the floor is the mean of the smallest counts, the slope a line through the
+    origin over the rest, every split tried. Unlike the free hinge it places the knee between
+    the batches seen, from how steep the compute-bound ones are."""
+    W, Sy = np.cumsum(w), np.cumsum(w * y)
+    Stt, Sty = np.cumsum(w * t * t), np.cumsum(w * t * y)
+    splits = np.arange(t.size - 1)  # the last count at the floor
+    c0 = Sy[splits] / W[splits]
+    c1 = np.maximum(_suffix(Sty)[splits] / _suffix(Stt)[splits], 1e-12)
+    predicted = np.maximum(c0[:, None], c1[:, None] * t[None, :])
+    best = int(np.argmin((w * (y[None, :] - predicted) ** 2).sum(axis=1)))
+    c0_best, c1_best = max(float(c0[best]), 1e-6), float(c1[best])
+    return LoadModel(c0_best, c0_best / c1_best, c1_best)
+
+
+def _best_hinge(t: np.ndarray, y: np.ndarray, w: np.ndarray) -> LoadModel:
+    """The least-squares hinge over every knee with at least 2 counts below and 3 above,
+    all knees at once from prefix sums (counts at or below the knee) and suffix sums (above)."""
+    W, Sy, Syy = np.cumsum(w), np.cumsum(w * y), np.cumsum(w * y * y)
+    St, Stt, Sty = np.cumsum(w * t), np.cumsum(w * t * t), np.cumsum(w * t * y)
+    knees = np.arange(1, t.size - 3)
+    kappa = t[knees]
+    c0 = Sy[knees] / W[knees]
+    sse_low = Syy[knees] - Sy[knees] ** 2 / W[knees]
+    w_hi, y_hi, yy_hi = (_suffix(s)[knees] for s in (W, Sy, Syy))
+    t_hi, tt_hi, ty_hi = (_suffix(s)[knees] for s in (St, Stt, Sty))
+    dd = tt_hi - 2 * kappa * t_hi + kappa**2 * w_hi  # sum w (t - knee)^2
+    dr = ty_hi - kappa * y_hi - c0 * t_hi + c0 * kappa * w_hi  # sum w (t - knee)(y - c0)
+    c1 = np.maximum(0.0, dr / dd)
+    rr = yy_hi - 2 * c0 * y_hi + c0**2 * w_hi  # sum w (y - c0)^2 above the knee
+    best = int(np.argmin(sse_low + rr - 2 * c1 * dr + c1**2 * dd))
+    return LoadModel(max(float(c0[best]), 1e-6), float(kappa[best]), float(c1[best]))
+
+
+def _suffix(prefix: np.ndarray) -> np.ndarray:
+    """From prefix sums, the sums of everything after each index."""
+    return prefix[-1] - prefix
+
+
+class LoadEstimator:
+    """The verification cost model, refitted from the service's recent batches when asked."""
+
+    def __init__(self, prior: LoadModel = PRIOR_LOAD, window: int = LOAD_WINDOW) -> None:
+        self.prior = prior
+        self._samples: deque[tuple[int, float]] = deque(maxlen=window)
+        self._model: LoadModel | None = prior
+
+    def observe(self, total_tokens: int, verify_s: float) -> None:
+        if total_tokens < 1 or not verify_s > 0:
+            return  # an empty batch or a clock that did not move says nothing about cost
+        self._samples.append((total_tokens, verify_s))
+        self._model = None
+
+    def model(self) -> LoadModel:
+        if self._model is None:
+            tokens, seconds = zip(*self._samples, strict=True)
+            self._model = fit_load_model(tokens, seconds, self.prior)
+        return self._model
+
+
+# --- one session --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SessionEstimate:
+    """What the plan needs to know of one session: acceptance per draft position (the chance
+    position i is accepted given all before it were), board step time, round trip, and `fill`,
+    the share of a suggested k the board really drafts (its own k_max, its confidence
+    threshold)."""
+
+    acceptance: tuple[float, ...]
+    draft_step_s: float
+    round_trip_s: float
+    fill: float = 1.0
+
+    def expected_committed(self, k: np.ndarray | int) -> np.ndarray:
+        """E[tokens committed by a round that drafts k] = 1 + sum_j prod_{i<=j} a_i."""
+        reach = np.concatenate(([1.0], np.cumprod(self.acceptance)))
+        return np.cumsum(reach)[np.asarray(k)]
+
+
+class SessionEstimator:
+    """Acceptance per position as decayed counts (a moving average that forgets old rounds),
+    draft step time, round trip and fill as moving averages."""
+
+    def __init__(self, positions: int, decay: float = DEFAULT_DECAY) -> None:
+        self.decay = decay
+        self.reached = np.zeros(positions)  # rounds that verified position i
+        self.accepted = np.zeros(positions)  # ... and accepted it
+        self.draft_step_s: float | None = None
+        self.round_trip_s: float | None = None
+        self.k = positions  # the last suggestion, which the next draft answers
+        self.fill = 1.0
+
+    def observe(self, drafted: int, accepted: int, draft_ms: float, rtt_s: float | None) -> None:
+        if not 0 <= accepted <= drafted:
+            raise ValueError(f"accepted {accepted} of {drafted} drafted tokens")
+        # Decay also when nothing was drafted: a session held at k = 0 drifts back towards the
+        # prior and is offered drafting again, instead of being judged forever on old rounds.
+        self.reached *= self.decay
+        self.accepted *= self.decay
+        verified = min(drafted, accepted + 1, self.reached.size)
+        self.reached[:verified] += 1
+        self.accepted[: min(accepted, verified)] += 1
+        if self.k > 0:
+            self.fill = _ewma(self.fill, min(1.0, drafted / self.k))
+        if drafted and draft_ms > 0:
+            self.draft_step_s = _ewma(self.draft_step_s, draft_ms / 1000)
+        if rtt_s is not None:
+            self.round_trip_s = _ewma(self.round_trip_s, max(0.0, rtt_s))
+
+    @property
+    def alpha(self) -> float:
+        """Overall acceptance rate per drafted token, shrunk towards the prior."""
+        return (float(self.accepted.sum()) + PRIOR_ALPHA * PRIOR_ALPHA_WEIGHT) / (
+            float(self.reached.sum()) + PRIOR_ALPHA_WEIGHT
+        )
+
+    def estimate(self) -> SessionEstimate:
+        alpha = self.alpha
+        per_position = (self.accepted + POSITION_SHRINKAGE * alpha) / (
+            self.reached + POSITION_SHRINKAGE
+        )
+        return SessionEstimate(
+            acceptance=tuple(float(a) for a in per_position),
+            draft_step_s=PRIOR_DRAFT_STEP_S if self.draft_step_s is None else self.draft_step_s,
+            round_trip_s=PRIOR_ROUND_TRIP_S if self.round_trip_s is None else self.round_trip_s,
+            fill=self.fill,
+        )
+
+
+def _ewma(previous: float | None, value: float) -> float:
+    return value if previous is None else (1 - TIME_EWMA) * previous + TIME_EWMA * value
+
+
+# --- the choice -----------------------------------------------------------------------------------
+class _Batch:
+    """The sessions of one planned batch as arrays, for `batch_rate` and `plan_batch`.
+
+    Sessions without estimates (just opened, or decoded by the server) are `plain`: they draft
+    nothing, add one token each to the forward pass and commit one token per round, after
+    `plain_round_trip_s`. They are counted, not listed, so a large batch costs nothing extra."""
+
+    def __init__(
+        self,
+        sessions: Sequence[SessionEstimate],
+        cost: LoadModel,
+        k_max: int,
+        plain: int,
+        plain_round_trip_s: float,
+    ) -> None:
+        if k_max < 0 or plain < 0:
+            raise ValueError(f"need k_max >= 0 and plain_sessions >= 0, got {k_max}, {plain}")
+        self.cost = cost
+        self.plain = plain
+        self.plain_round_trip_s = plain_round_trip_s
+        self.k_max = min([k_max, *(len(s.acceptance) for s in sessions)])
+        self.committed = np.array(
+            [s.expected_committed(np.arange(self.k_max + 1)) for s in sessions]
+        ).reshape(len(sessions), self.k_max + 1)
+        self.fill = np.array([s.fill for s in sessions])
+        # Board seconds per *suggested* token: it drafts `fill` of what it is told.
+        self.step_s = self.fill * np.array([s.draft_step_s for s in sessions])
+        self.round_trip_s = np.array([s.round_trip_s for s in sessions])
+        self.rows = np.arange(len(sessions))
+
+    def tokens(self, ks: np.ndarray) -> float:
+        return float(len(ks) + self.plain + self.fill @ ks)
+
+    def plain_rate(self, verify_s: np.ndarray) -> np.ndarray:
+        return self.plain / (self.plain_round_trip_s + verify_s)
+
+    def rate(self, ks: np.ndarray) -> float:
+        verify = self.cost.seconds(self.tokens(ks))
+        own = self.committed[self.rows, ks] / (self.round_trip_s + self.step_s * ks + verify)
+        return float(own.sum() + self.plain_rate(verify))
+
+
+def batch_rate(
+    sessions: Sequence[SessionEstimate],
+    ks: Sequence[int],
+    cost: LoadModel,
+    plain_sessions: int = 0,
+    plain_round_trip_s: float = PRIOR_ROUND_TRIP_S,
+) -> float:
+    """Committed tokens per second of a batch whose sessions draft `ks`, all in lockstep: each
+    round is drafting + round trip + one shared forward pass over every session's tokens."""
+    batch = _Batch(sessions, cost, max(ks, default=0), plain_sessions, plain_round_trip_s)
+    return batch.rate(np.array(ks, dtype=int))
+
+
+def plan_batch(
+    sessions: Sequence[SessionEstimate],
+    cost: LoadModel,
+    k_max: int,
+    plain_sessions: int = 0,
+    plain_round_trip_s: float = PRIOR_ROUND_TRIP_S,
+) -> list[int]:
+    """Speculation lengths for the sessions of the next batch, chosen together.
+
+    Greedy ascent from plain decoding: hand out one drafted token at a time to the session where
+    it adds the most to the batch's committed tokens per second, charging it the slow-down its
+    token causes every session in the forward pass; stop when no token adds anything.
+    Choosing each session's k alone, given the others, gets stuck where one session has taken
+    the cheap tokens below the knee that two would use better; handing them out one at a time
+    shares them by marginal value (optimal when each session's gain is concave in k, as
+    geometric acceptance makes it).
+    """
+    batch = _Batch(sessions, cost, k_max, plain_sessions, plain_round_trip_s)
+    ks = np.zeros(len(sessions), dtype=int)
+    others = ~np.eye(len(ks), dtype=bool)
+    while len(ks):
+        overhead = batch.round_trip_s + batch.step_s * ks
+        verify = cost.seconds(batch.tokens(ks))
+        now = batch.committed[batch.rows, ks]
+        # For each session j: the forward pass with its one more token, and what that does to
+        # its own rate and to everyone else's (each as a difference, so that a token that does
+        # not slow the pass changes nothing for the others, exactly).
+        verify_after = cost.seconds(batch.tokens(ks) + batch.fill)
+        grown = np.minimum(ks + 1, batch.k_max)
+        own = batch.committed[batch.rows, grown] / (
+            overhead + batch.step_s + verify_after
+        ) - now / (overhead + verify)
+        slowed = now[None, :] * (
+            1 / (overhead[None, :] + verify_after[:, None]) - 1 / (overhead + verify)[None, :]
+        )
+        slowed = (
+            (slowed * others).sum(axis=1)
+            + batch.plain_rate(verify_after)
+            - batch.plain_rate(verify)
+        )
+        gain = own + slowed
+        # A token must add at least this share of its own session's rate.
+        worth = (ks < batch.k_max) & (gain > RATE_TOLERANCE * now / (overhead + verify))
+        if not worth.any():
+            break
+        ks[int(np.argmax(np.where(worth, gain, -np.inf)))] += 1
+    return ks.tolist()
+
+
+def round_trip_s(
+    verdict_sent_at: float | None, draft_received_at: float, drafted: int, draft_ms: float
+) -> float | None:
+    """Time the board's round took beyond drafting, as the server sees it: from publishing a
+    verdict to receiving the next draft, minus the drafting the board reports. None before the
+    session's first verdict."""
+    if verdict_sent_at is None:
+        return None
+    return max(0.0, draft_received_at - verdict_sent_at - drafted * draft_ms / 1000)
+
+
+# --- what the service holds ----------------------------------------------------------------------
+class SpeculationPolicy:
+    """Adaptive k: per-session estimators, one load model, and one plan per batch.
+
+    The plan is made at the first `next_k` after a batch was observed, from every session's
+    latest estimates, so the service should report all verdicts of a batch before asking for
+    the first k (see docs/speculation.md for the wiring)."""
+
+    def __init__(
+        self, k_max: int, prior_load: LoadModel = PRIOR_LOAD, decay: float = DEFAULT_DECAY
+    ) -> None:
+        if k_max < 1:
+            raise ValueError(f"k_max must be >= 1, got {k_max}")
+        if not 0 < decay <= 1:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        self.k_max = k_max
+        self.decay = decay
+        self.load = LoadEstimator(prior_load)
+        self._sessions: dict[str, SessionEstimator] = {}
+        self._plan: dict[str, int] = {}
+        self._planned_for = 0  # the pending_sessions the plan was made for
+
+    def observe_batch(self, total_tokens: int, verify_s: float) -> None:
+        """One forward pass: `total_tokens` = sum over its sessions of (drafted + 1)."""
+        self.load.observe(total_tokens, verify_s)
+        self._plan = {}
+
+    def observe_verdict(
+        self, session_key: str, drafted: int, accepted: int, draft_ms: float, rtt_s: float | None
+    ) -> None:
+        self._session(session_key).observe(drafted, accepted, draft_ms, rtt_s)
+
+    def next_k(self, session_key: str, pending_sessions: int) -> int:
+        """The k to suggest in this session's verdict. `pending_sessions` is the number of
+        sessions expected in the next batch (the server's open sessions, this one included);
+        those the policy has no estimates for count as plain decoding."""
+        session = self._session(session_key)
+        if session_key not in self._plan or pending_sessions != self._planned_for:
+            keys = list(self._sessions)
+            estimates = [self._sessions[key].estimate() for key in keys]
+            plain = max(0, pending_sessions - len(keys))
+            # Sessions not known yet are most likely boards like the others: their round trip.
+            typical = float(np.mean([e.round_trip_s for e in estimates]))
+            ks = plan_batch(estimates, self.load.model(), self.k_max, plain, typical)
+            self._plan = dict(zip(keys, ks, strict=True))
+            self._planned_for = pending_sessions
+        session.k = self._plan[session_key]
+        return session.k
+
+    def forget(self, session_key: str) -> None:
+        self._sessions.pop(session_key, None)
+        self._plan.pop(session_key, None)
+
+    def alpha(self, session_key: str) -> float | None:
+        """The session's estimated acceptance rate (for logs and status); None if unknown."""
+        session = self._sessions.get(session_key)
+        return None if session is None else session.alpha
+
+    def _session(self, session_key: str) -> SessionEstimator:
+        session = self._sessions.get(session_key)
+        if session is None:
+            session = self._sessions[session_key] = SessionEstimator(self.k_max, self.decay)
+        return session
+
+
+class FixedSpeculation(SpeculationPolicy):
+    """Always k_max (the boards' threshold still stops early): the comparison baseline. It
+    keeps the estimates all the same, so logs and benchmarks show the same figures."""
+
+    def next_k(self, session_key: str, pending_sessions: int) -> int:
+        self._session(session_key).k = self.k_max
+        return self.k_max
+
+
+def make_policy(kind: PolicyKind, k_max: int) -> SpeculationPolicy:
+    """The policy `ServerSettings.speculation` names."""
+    if kind == "adaptive":
+        return SpeculationPolicy(k_max)
+    if kind == "fixed":
+        return FixedSpeculation(k_max)
+    raise ValueError(f"unknown speculation policy {kind!r}; expected 'adaptive' or 'fixed'")

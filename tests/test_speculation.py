@@ -1,0 +1,367 @@
+"""Adaptive speculation length (server/speculation.py): the cost model, the estimators, the
+batch plan, and the policy over a simulated batch of sessions.
+
+The simulations draw real geometric acceptance (seeded) and score the ks each policy settles on
+with the *true* acceptance and cost, so an estimator that learns wrong shows up as lost rate.
+"""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.speculation import (
+    FixedSpeculation,
+    LoadEstimator,
+    LoadModel,
+    SessionEstimate,
+    SessionEstimator,
+    SpeculationPolicy,
+    batch_rate,
+    fit_load_model,
+    make_policy,
+    plan_batch,
+    round_trip_s,
+)
+
+K_MAX = 8
+# DESIGN.md section 8: the 1.5B target on 2 CPU cores, about 0.3 s up to ~20 tokens, then
+# 12.5 ms per token. And a GPU-like roofline whose knee is far out.
+CPU = LoadModel(c0_s=0.3, knee_tokens=20, c1_s=0.0125)
+GPU = LoadModel(c0_s=0.05, knee_tokens=256, c1_s=0.05 / 256)
+
+alphas = st.floats(0.0, 0.999)
+seconds = st.floats(0.0, 0.2)
+cost_models = st.builds(
+    LoadModel, c0_s=st.floats(1e-3, 1.0), knee_tokens=st.floats(0, 128), c1_s=st.floats(0, 0.05)
+)
+estimates = st.builds(
+    SessionEstimate,
+    acceptance=st.lists(st.floats(0.0, 1.0), min_size=K_MAX, max_size=K_MAX).map(tuple),
+    draft_step_s=seconds,
+    round_trip_s=seconds,
+    fill=st.floats(0.2, 1.0),
+)
+
+
+def geometric(alpha: float, k: int) -> float:
+    """E[committed | k] with every position accepted with probability alpha."""
+    return k + 1.0 if alpha == 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def session(alpha: float, draft_step_s: float = 0.02, round_trip: float = 0.01) -> SessionEstimate:
+    return SessionEstimate(
+        acceptance=(alpha,) * K_MAX, draft_step_s=draft_step_s, round_trip_s=round_trip
+    )
+
+
+def alone(estimate: SessionEstimate, cost: LoadModel, plain_sessions: int = 0) -> int:
+    """The k planned for one drafting session among `plain_sessions` plain decoders on the
+    same network."""
+    return plan_batch([estimate], cost, K_MAX, plain_sessions, estimate.round_trip_s)[0]
+
+
+# --- expected committed tokens and the cost model ----------------------------------------------
+@given(alpha=alphas, k=st.integers(0, K_MAX))
+def test_expected_committed_is_the_geometric_sum(alpha: float, k: int) -> None:
+    assert float(session(alpha).expected_committed(k)) == pytest.approx(
+        geometric(alpha, k), rel=1e-9
+    )
+
+
+def test_expected_committed_uses_each_positions_own_rate() -> None:
+    estimate = SessionEstimate(acceptance=(0.9, 0.5, 0.1), draft_step_s=0.0, round_trip_s=0.0)
+    assert estimate.expected_committed(np.arange(4)).tolist() == pytest.approx(
+        [1, 1.9, 1.9 + 0.45, 1.9 + 0.45 + 0.045]
+    )
+
+
+def test_load_model_is_flat_then_linear() -> None:
+    assert CPU.seconds(np.array([1, 20, 21, 100])).tolist() == pytest.approx(
+        [0.3, 0.3, 0.3125, 1.3]
+    )
+    with pytest.raises(ValueError, match="c0 > 0"):
+        LoadModel(c0_s=0, knee_tokens=10, c1_s=0)
+
+
+@pytest.mark.parametrize("truth", [CPU, LoadModel(0.004, 48, 0.0002)])
+def test_fit_recovers_a_hinge_from_noisy_batches(truth: LoadModel) -> None:
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(1, 120, size=400)
+    measured = truth.seconds(tokens) * (1 + rng.normal(0, 0.05, size=tokens.size))
+    fitted = fit_load_model(tokens, measured)
+    assert fitted.c0_s == pytest.approx(truth.c0_s, rel=0.05)
+    assert fitted.knee_tokens == pytest.approx(truth.knee_tokens, abs=3)
+    assert fitted.c1_s == pytest.approx(truth.c1_s, rel=0.1)
+
+
+def test_flat_data_puts_the_knee_beyond_what_was_seen() -> None:
+    """No knee in the data: it lies past the largest batch seen, and a batch beyond that is
+    still assumed to cost something (the prior's roofline slope), never to be free."""
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(1, 60, size=300)
+    fitted = fit_load_model(tokens, 0.01 * (1 + rng.normal(0, 0.05, size=tokens.size)))
+    assert fitted.c0_s == pytest.approx(0.01, rel=0.05)
+    assert fitted.knee_tokens >= tokens.max()
+    assert fitted.c1_s > 0
+
+
+def test_a_roofline_places_the_knee_between_the_batches_seen() -> None:
+    """Flat up to 193 tokens, one batch of 576 twice as slow: a roofline puts the knee where
+    the compute-bound line through the origin meets the floor (256 for GPU), not at the last
+    flat batch seen."""
+    tokens = [64, 130, 150, 170, 193, 576, 576]
+    fitted = fit_load_model(tokens, GPU.seconds(np.array(tokens)))
+    assert fitted.knee_tokens == pytest.approx(256, rel=0.01)
+
+
+def test_a_single_batch_size_scales_the_prior() -> None:
+    fitted = fit_load_model([72] * 5, [float(CPU.seconds(72))] * 5)
+    assert float(fitted.seconds(72)) == pytest.approx(float(CPU.seconds(72)))
+    assert fitted.c1_s > 0  # a larger batch is not assumed free
+
+
+def test_load_estimator_starts_from_the_prior_and_learns() -> None:
+    estimator = LoadEstimator()
+    assert estimator.model() == estimator.prior
+    estimator.observe(0, 1.0)  # an empty batch teaches nothing
+    estimator.observe(5, 0.0)
+    assert estimator.model() == estimator.prior
+    for tokens in range(1, 100):
+        estimator.observe(tokens, float(CPU.seconds(tokens)))
+    assert estimator.model().knee_tokens == pytest.approx(20, abs=1)
+
+
+# --- the batch plan -----------------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(
+    sessions=st.lists(estimates, max_size=12),
+    cost=cost_models,
+    k_max=st.integers(0, K_MAX),
+    plain=st.integers(0, 40),
+)
+def test_plan_gives_every_session_a_k_within_bounds(
+    sessions: list[SessionEstimate], cost: LoadModel, k_max: int, plain: int
+) -> None:
+    ks = plan_batch(sessions, cost, k_max, plain)
+    assert len(ks) == len(sessions)
+    assert all(0 <= k <= k_max for k in ks)
+    # Never worse than everyone decoding plainly: the plan starts there and only climbs.
+    assert batch_rate(sessions, ks, cost, plain) >= batch_rate(
+        sessions, [0] * len(sessions), cost, plain
+    )
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    sessions=st.lists(estimates, min_size=1, max_size=3), cost=cost_models, plain=st.integers(0, 30)
+)
+def test_plan_is_as_good_as_trying_every_combination(
+    sessions: list[SessionEstimate], cost: LoadModel, plain: int
+) -> None:
+    k_max = 5
+    ks = plan_batch(sessions, cost, k_max, plain)
+    best = max(
+        batch_rate(sessions, list(combination), cost, plain)
+        for combination in itertools.product(range(k_max + 1), repeat=len(sessions))
+    )
+    assert batch_rate(sessions, ks, cost, plain) >= 0.99 * best
+
+
+def test_plan_shares_the_cheap_tokens_below_the_knee() -> None:
+    """Eight equal sessions on the CPU shape: the tokens below the knee go round, instead of a
+    few sessions taking them all (what choosing each k alone, given the others, settles on)."""
+    ks = plan_batch([session(0.7)] * 8, CPU, K_MAX)
+    assert max(ks) - min(ks) <= 1, ks
+    assert batch_rate([session(0.7)] * 8, ks, CPU) >= batch_rate(
+        [session(0.7)] * 8, [1, 1, 0, 4, 2, 1, 3, 4], CPU
+    )
+
+
+def test_bad_bounds_are_refused() -> None:
+    with pytest.raises(ValueError, match="k_max >= 0"):
+        plan_batch([session(0.5)], CPU, -1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(alpha=alphas, draft_step_s=seconds, round_trip=seconds, cost=cost_models)
+def test_k_shrinks_as_load_grows_past_the_knee(
+    alpha: float, draft_step_s: float, round_trip: float, cost: LoadModel
+) -> None:
+    """More sessions in the batch (past the knee) never make a session draft more, and
+    enough of them bring it to plain decoding whenever a token past the knee costs anything."""
+    estimate = session(alpha, draft_step_s, round_trip)
+    first_past_knee = int(np.ceil(cost.knee_tokens))
+    ks = [alone(estimate, cost, n) for n in range(first_past_knee, first_past_knee + 400, 7)]
+    assert ks == sorted(ks, reverse=True), ks
+    if cost.c1_s > 1e-4 and alpha < 0.99:
+        assert alone(estimate, cost, 20_000) == 0
+
+
+def test_heavy_cpu_load_gives_plain_decoding() -> None:
+    """32 boards on the CPU server: any drafting slows the batch more than it gains."""
+    assert plan_batch([session(0.8)] * 32, CPU, K_MAX) == [0] * 32
+
+
+def test_useless_draft_drafts_little() -> None:
+    for cost in (CPU, GPU):
+        assert alone(session(0.02), cost) <= 1
+
+
+def test_good_draft_with_cheap_verification_drafts_k_max() -> None:
+    assert alone(session(0.999, draft_step_s=0.002, round_trip=0.02), GPU, 3) == K_MAX
+
+
+def test_slow_board_drafts_less_than_fast_board() -> None:
+    assert alone(session(0.8, draft_step_s=0.2), GPU) < alone(session(0.8, draft_step_s=0.002), GPU)
+
+
+# --- estimators -------------------------------------------------------------------------------------
+def _geometric_round(rng: np.random.Generator, alpha: float, k: int) -> int:
+    accepted = 0
+    while accepted < k and rng.random() < alpha:
+        accepted += 1
+    return accepted
+
+
+@settings(max_examples=20, deadline=None)
+@given(alpha=st.floats(0.05, 0.95), seed=st.integers(0, 2**32 - 1))
+def test_acceptance_estimate_converges(alpha: float, seed: int) -> None:
+    """With a long memory the estimate settles on the true rate."""
+    rng = np.random.default_rng(seed)
+    estimator = SessionEstimator(K_MAX, decay=0.995)
+    trace, positions = [], []
+    for _ in range(1500):
+        estimator.observe(6, _geometric_round(rng, alpha, 6), draft_ms=20.0, rtt_s=0.01)
+        trace.append(estimator.alpha)
+        positions.append(estimator.estimate().acceptance[0])
+    assert float(np.mean(trace[500:])) == pytest.approx(alpha, abs=0.04)
+    # The first position is verified every round: its own estimate converges as well.
+    assert float(np.mean(positions[500:])) == pytest.approx(alpha, abs=0.05)
+
+
+def test_acceptance_estimate_follows_a_change_of_text() -> None:
+    """With the default memory a session that moves from code (most drafts accepted) to prose
+    (few) is re-estimated within 80 rounds."""
+    rng = np.random.default_rng(5)
+    estimator = SessionEstimator(K_MAX)
+    for _ in range(100):
+        estimator.observe(6, _geometric_round(rng, 0.9, 6), draft_ms=20.0, rtt_s=0.01)
+    assert estimator.alpha > 0.8
+    for _ in range(80):
+        estimator.observe(6, _geometric_round(rng, 0.2, 6), draft_ms=20.0, rtt_s=0.01)
+    assert estimator.alpha < 0.4
+
+
+def test_times_follow_the_board_and_the_network() -> None:
+    rng = np.random.default_rng(1)
+    estimator = SessionEstimator(K_MAX)
+    assert estimator.estimate().draft_step_s > 0  # the prior, before any measurement
+    for _ in range(200):
+        estimator.observe(
+            4, 2, draft_ms=float(rng.normal(30, 3)), rtt_s=float(rng.normal(0.05, 0.005))
+        )
+    assert estimator.estimate().draft_step_s == pytest.approx(0.030, rel=0.15)
+    assert estimator.estimate().round_trip_s == pytest.approx(0.05, rel=0.15)
+    estimator.observe(0, 0, draft_ms=0.0, rtt_s=None)  # no draft: the draft time is kept
+    assert estimator.estimate().draft_step_s == pytest.approx(0.030, rel=0.15)
+
+
+def test_impossible_verdict_is_refused() -> None:
+    with pytest.raises(ValueError, match="accepted 3 of 2"):
+        SessionEstimator(K_MAX).observe(2, 3, draft_ms=1.0, rtt_s=None)
+
+
+def test_round_trip_is_what_is_left_after_drafting() -> None:
+    assert round_trip_s(None, 5.0, 3, 10.0) is None
+    assert round_trip_s(1.0, 1.5, 4, 100.0) == pytest.approx(0.1)
+    assert round_trip_s(1.0, 1.1, 4, 100.0) == 0.0  # a board's report never makes it negative
+
+
+# --- the policy over a simulated batch -----------------------------------------------------------
+def _settle(
+    policy: SpeculationPolicy, n: int, alpha: float, cost: LoadModel, draft_step_s: float
+) -> np.ndarray:
+    """n sessions in lockstep rounds from k_max: geometric acceptance, the true cost fed to
+    the policy as the service would. Returns the ks they settle on."""
+    rng = np.random.default_rng(n)
+    keys = [f"board-{i}/s" for i in range(n)]
+    ks = dict.fromkeys(keys, policy.k_max)
+    for _ in range(25):
+        tokens = sum(ks.values()) + n
+        policy.observe_batch(tokens, float(cost.seconds(tokens)))
+        for key in keys:
+            accepted = _geometric_round(rng, alpha, ks[key])
+            policy.observe_verdict(key, ks[key], accepted, draft_ms=1000 * draft_step_s, rtt_s=0.01)
+        for key in keys:
+            ks[key] = policy.next_k(key, n)
+    return np.array(list(ks.values()))
+
+
+@pytest.mark.parametrize(("cost", "draft_step_s"), [(CPU, 0.02), (GPU, 0.01)], ids=["cpu", "gpu"])
+def test_adaptive_never_loses_to_plain_decoding_and_matches_the_best_fixed_k(
+    cost: LoadModel, draft_step_s: float
+) -> None:
+    """From 1 to 64 sessions, learning everything online: never below plain decoding (the
+    server alone, but for the round trip), and close to the best fixed k at every load, where
+    each fixed k is far from the best at some load."""
+    alpha = 0.7
+    truth = session(alpha, draft_step_s, 0.01)
+    mean_ks = []
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        ks = _settle(SpeculationPolicy(K_MAX), n, alpha, cost, draft_step_s)
+        adaptive = batch_rate([truth] * n, ks.tolist(), cost)
+        fixed = {k: batch_rate([truth] * n, [k] * n, cost) for k in range(K_MAX + 1)}
+        assert adaptive >= fixed[0] * 0.999, (
+            f"{n} sessions: adaptive {adaptive:.1f} < plain {fixed[0]:.1f} tok/s"
+        )
+        assert adaptive >= max(fixed.values()) * 0.93, (
+            f"{n} sessions: {adaptive:.1f} vs fixed {fixed}"
+        )
+        mean_ks.append(float(ks.mean()))
+    if cost is CPU:
+        assert mean_ks[0] >= 3 and mean_ks[-2:] == [0, 0], mean_ks
+        past_the_knee = mean_ks[2:]  # 4 sessions and more reach the knee at 20 tokens
+        assert past_the_knee == sorted(past_the_knee, reverse=True), mean_ks
+    else:
+        assert min(mean_ks) >= 2, mean_ks
+
+
+def test_session_held_at_zero_drafts_again_when_load_goes() -> None:
+    policy = SpeculationPolicy(K_MAX, prior_load=CPU)
+    for tokens in range(1, 200, 3):
+        policy.observe_batch(tokens, float(CPU.seconds(tokens)))
+    policy.observe_verdict("b/s", 5, 3, draft_ms=20.0, rtt_s=0.01)
+    assert policy.next_k("b/s", pending_sessions=64) == 0
+    for _ in range(30):  # rounds at k = 0: no evidence, the estimate drifts to the prior
+        policy.observe_verdict("b/s", 0, 0, draft_ms=0.0, rtt_s=0.01)
+        policy.next_k("b/s", pending_sessions=64)
+    assert policy.next_k("b/s", pending_sessions=1) >= 2
+
+
+def test_forget_removes_a_session_from_the_others_load() -> None:
+    policy = SpeculationPolicy(K_MAX, prior_load=CPU)
+    for i in range(40):
+        policy.observe_verdict(f"b{i}/s", 4, 2, draft_ms=20.0, rtt_s=0.01)
+        policy.next_k(f"b{i}/s", pending_sessions=40)
+    crowded = policy.next_k("b0/s", pending_sessions=40)
+    for i in range(1, 40):
+        policy.forget(f"b{i}/s")
+    assert policy.alpha("b1/s") is None and policy.alpha("b0/s") is not None
+    assert policy.next_k("b0/s", pending_sessions=1) > crowded
+
+
+def test_fixed_policy_always_suggests_k_max_and_still_estimates() -> None:
+    policy = make_policy("fixed", 6)
+    assert isinstance(policy, FixedSpeculation)
+    policy.observe_verdict("b/s", 6, 0, draft_ms=5.0, rtt_s=None)
+    assert policy.next_k("b/s", pending_sessions=500) == 6
+    assert policy.alpha("b/s") is not None and policy.alpha("b/s") < 0.6
+
+
+def test_unknown_policy_kind_is_refused() -> None:
+    assert type(make_policy("adaptive", 4)) is SpeculationPolicy
+    with pytest.raises(ValueError, match="unknown speculation policy 'greedy'"):
+        make_policy("greedy", 4)  # type: ignore[arg-type]
