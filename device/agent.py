@@ -336,8 +336,17 @@ class Generation:
         try:
             with structlog.contextvars.bound_contextvars(session=live.session):
                 return self._rounds(live)
+        except ServerGone:
+            self._abandon(live)
+            raise
         finally:
             self.agent.live.pop(live.session, None)
+
+    def _abandon(self, live: LiveSession) -> None:
+        """Tell a server that may still hold the session to drop it: a slow but living server
+        must not keep verifying (and holding memory for) a session the board has left."""
+        close = DraftMessage(session=live.session, seq=2**31, committed_len=0, close=True)
+        self.agent.client.publish(self.agent.topics.draft(self.agent.device_id, live.session), encode(close, binary=True), qos=1)
 
     def _rounds(self, live: LiveSession) -> str:
         if self.agent.settings.device.server_decodes:

@@ -76,7 +76,9 @@ class DeviceSettings(BaseModel):
     k_max: int = Field(8, ge=1, le=64)
     threshold: float = Field(0.3, ge=0, le=1)
     top_k: int = Field(32, ge=1, le=1024)
-    verdict_timeout_s: float = Field(30.0, gt=0)
+    # A crashed server is noticed through its last will; this catches lost messages, and must
+    # exceed the slowest verification the server may take under load.
+    verdict_timeout_s: float = Field(120.0, gt=0)
     max_concurrent_requests: int = Field(4, ge=1)
     # Benchmarks emulate a board slower than this machine: each drafted token takes this long
     # (the real ONNX draft still chooses the tokens). None drafts at this machine's speed.
