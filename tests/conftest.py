@@ -17,11 +17,19 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from broker.process import LocalBroker, prepare_local_broker
 from fleet.config import BrokerSettings
+from fleet.logging import configure_logging
 from fleet.models.tiny import write_tiny_models
 from fleet.mqtt import FleetClient, make_client
 
 if TYPE_CHECKING:  # fleet.local pulls in torch: import it only where a fleet is built
     from fleet.local import FleetModels
+
+@pytest.fixture(autouse=True)
+def _info_logging() -> None:
+    """Every test starts from the services' default log level: CLI tests configure
+    `warning`, which would otherwise hide the info events later tests capture."""
+    configure_logging("info", "console")
+
 
 # The identities every secured fixture provisions; tests refer to them by these names.
 DEVICES = ("board-a", "board-b")
