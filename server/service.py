@@ -27,6 +27,7 @@ from fleet.protocol import (
     Topics,
     VerdictMessage,
     decode_draft,
+    decode_json,
     encode,
 )
 from server.engine import DraftProposal, Engine, Verdict
@@ -114,6 +115,8 @@ class VerificationService:
         # Whether this server is in the shared subscription that claims opens (see
         # _update_claiming); read by the network thread on reconnect.
         self._claiming = True
+        # Other servers that last said they are online with room for a session.
+        self._peers_with_room: set[str] = set()
         # Always recorded (cheap); served only when `fleet serve --metrics-port` asks.
         self.metrics = metrics or ServerMetrics()
         self.metrics.track_load(sessions=lambda: len(self.routes), queue_depth=self.inbox.qsize)
@@ -140,6 +143,7 @@ class VerificationService:
         shared subscriptions of a resumed session, and a clean start has none."""
         if self._claiming:
             client.subscribe(self._shared_opens, qos=1)
+        client.subscribe(self.topics.all_server_status(), qos=1)
         for route in list(self.routes.values()):
             client.subscribe(self.topics.draft(route.device, route.session), qos=1)
         self._last_status = 0.0  # publish a fresh status from the scheduler soon
@@ -204,6 +208,9 @@ class VerificationService:
     def _admit_all(self, batch: list[Inbound]) -> list[tuple[Route, DraftMessage]]:
         proposals: list[tuple[Route, DraftMessage]] = []
         for item in batch:
+            if item.topic.startswith(f"{self.topics.root}/servers/"):
+                self._note_peer(item.payload)
+                continue
             try:
                 device, session, kind = self.topics.parse_session_topic(item.topic)
             except ValueError:
@@ -407,12 +414,26 @@ class VerificationService:
         self.speculation.forget(key)
         self._update_claiming()
 
+    def _note_peer(self, payload: bytes) -> None:
+        try:
+            status = decode_json(ServerStatus, payload)
+        except ProtocolError:
+            return
+        if status.id == self.server_id:
+            return
+        if status.online and status.sessions < status.capacity:
+            self._peers_with_room.add(status.id)
+        else:
+            self._peers_with_room.discard(status.id)
+        self._update_claiming()
+
     def _update_claiming(self) -> None:
-        """A full server leaves the shared subscription on the open topic, so that the broker
-        hands new sessions to servers with room instead of this one answering "busy"; it
-        joins again as soon as a session ends. (With every server full an open reaches no
-        one: the board's verdict timeout and its retry cover that.)"""
-        claiming = len(self.routes) < self.settings.server.max_sessions
+        """A full server leaves the shared subscription on the open topic while another
+        server has room, so that the broker hands new sessions there instead of this one
+        answering "busy"; it joins again as soon as a session ends. When no other server has
+        room it keeps claiming and answers "busy", so boards learn it at once."""
+        full = len(self.routes) >= self.settings.server.max_sessions
+        claiming = not full or not self._peers_with_room
         if claiming == self._claiming:
             return
         self._claiming = claiming

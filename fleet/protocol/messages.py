@@ -7,7 +7,7 @@ any IoT app can speak them without project code.
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fleet.protocol.topics import ID_PATTERN
 from fleet.sampling import SamplingParams, SparseDist
@@ -19,6 +19,9 @@ MAX_DRAFT_TOKENS = 64
 MAX_CONTEXT_TOKENS = 32768
 MAX_TOKEN_ID = 1 << 24
 MAX_PROMPT_CHARS = 64_000
+# Sampling below this temperature overflows the scaled logits (float32) into NaN
+# probabilities; like vLLM's epsilon, anything smaller must be asked for as greedy (0).
+MIN_TEMPERATURE = 1e-5
 
 TokenId = int
 Identifier = str
@@ -26,6 +29,12 @@ Identifier = str
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_temperature(temperature: float) -> float:
+    if 0.0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature {temperature:g} is neither 0 (greedy) nor at least {MIN_TEMPERATURE:g}")
+    return temperature
 
 
 class DraftMessage(_Message):
@@ -62,6 +71,8 @@ class DraftMessage(_Message):
             raise ValueError(f"q has {len(self.q)} positions for {len(self.tokens)} drafted tokens")
         if self.context and self.params is None:
             raise ValueError("an open (context given) needs sampling params")
+        if self.params is not None:
+            _check_temperature(self.params.temperature)
         if self.server_decodes and (not self.context or self.tokens):
             raise ValueError("server_decodes is only valid on an open, without drafted tokens")
         if self.generated > len(self.context):
@@ -101,6 +112,11 @@ class GenerationRequest(_Message):
     top_k: int = Field(0, ge=0, le=1000)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     stop: list[str] = Field(default_factory=list, max_length=8)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_is_usable(cls, value: float) -> float:
+        return _check_temperature(value)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(

@@ -1,0 +1,734 @@
+"""`fleet bench`: speculative fleet serving against the server alone, side by side in one run.
+
+Every fleet mode runs against the same real Mosquitto (with TLS, passwords and ACL), the same
+target model and the same workload (`fleet.bench.workload`); the in-process peers run the
+same greedy jobs. For each mode and each number of boards N, the N boards run a closed loop
+of requests for `duration_s` seconds; the figures are taken over that window (see
+docs/benchmarks.md for each definition). The summary compares `sled` with `server-only`:
+
+- throughput_ratio: system committed tokens/s, sled / server-only, at the largest N;
+- capacity_ratio: the most boards that still get `target_rate` tokens/s each, sled /
+  server-only (capacities are bounded by the N tested: a capacity equal to the largest N
+  means "at least");
+- lossless: every greedy job's output is identical in every run of every mode, and equal to
+  the target alone's (`target` mode, same dtype) where that ran.
+
+Modes are data (`MODES`): a fleet mode is a set of board and server settings, so variants
+(fixed or adaptive speculation length, pipelining, several servers) are added as entries.
+"""
+
+import gc
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple, Self
+
+import psutil
+import typer
+from pydantic import BaseModel, ConfigDict, Field
+
+from fleet.bench.peers import HFPeers
+from fleet.bench.profiles import BoardProfile, get_profile, measure_draft_step_ms
+from fleet.bench.report import (
+    BenchConfig,
+    BenchReport,
+    Dtype,
+    ModelsChoice,
+    ModeReport,
+    PointResult,
+    VerifyCost,
+    capacity_of,
+    capacity_target_rate,
+    is_lossless,
+    lossless_check,
+    results_table,
+    sled_capacity_ratio,
+    sled_throughput_ratio,
+    summary_lines,
+    verify_cost_table,
+    write_plot,
+)
+from fleet.bench.workload import (
+    REQUEST_TIMEOUT_S,
+    JobPlan,
+    RequestRecord,
+    SamplingMix,
+    percentile,
+    run_closed_loop,
+    shipped_bench_prompts,
+    time_between_tokens,
+    tokens_in_window,
+)
+from fleet.config import DeviceSettings, ServerSettings, default_home
+from fleet.local import FleetModels, LocalFleet
+from fleet.logging import get_logger
+from fleet.protocol import GenerationRequest, GenerationResponse
+from server.service import ServiceStats, VerificationService
+
+ProgressFn = Callable[[str, float, float], None]  # (what is running, done, total)
+
+DEFAULT_BOARDS = (1, 2, 4, 8, 16)
+DEFAULT_DURATION_S = 20.0
+DEFAULT_MODES = ("sled", "server-only", "assisted", "target")
+# Greedy jobs the in-process peers run: the first of the job sequence, which every fleet run
+# starts with, so that they can be compared with the fleet's outputs.
+DEFAULT_PEER_REQUESTS = 3
+WARMUP_TOKENS = 8
+RSS_SAMPLE_S = 0.2
+
+
+# ---------------------------------------------------------------------------------- modes
+
+
+class FleetMode(BaseModel):
+    """Boards and a verification server on the real broker, with these settings on top of
+    the benchmark's own (`device` and `server` are DeviceSettings / ServerSettings fields)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["fleet"] = "fleet"
+    name: str
+    description: str
+    device: dict[str, Any] = Field(default_factory=dict)
+    server: dict[str, Any] = Field(default_factory=dict)
+    drafts: bool = True  # boards draft, so the emulated board step time applies
+
+
+class PeerMode(BaseModel):
+    """One process, one request at a time, no broker: what a user might run instead."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["peer"] = "peer"
+    name: str
+    description: str
+    assistant: bool
+
+
+Mode = FleetMode | PeerMode
+
+MODES: dict[str, Mode] = {
+    mode.name: mode
+    for mode in (
+        FleetMode(
+            name="sled",
+            description="N boards draft (k_max and confidence threshold); one server verifies "
+            "the drafts of all sessions in one batched forward pass",
+        ),
+        FleetMode(
+            name="server-only",
+            description="boards only forward prompts; the same server decodes every token "
+            "itself, new sessions joining the running batch (continuous batching)",
+            device={"server_decodes": True},
+            drafts=False,
+        ),
+        PeerMode(
+            name="assisted",
+            description="Hugging Face assisted generation (draft as assistant_model, greedy), "
+            "in-process, one request at a time",
+            assistant=True,
+        ),
+        PeerMode(
+            name="target",
+            description="the target alone at batch 1 (Hugging Face generate, greedy): the "
+            "reference output of the lossless check",
+            assistant=False,
+        ),
+    )
+}
+
+
+def get_mode(name: str) -> Mode:
+    try:
+        return MODES[name]
+    except KeyError:
+        raise ValueError(f"unknown bench mode {name!r}; known: {', '.join(MODES)}") from None
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+# ---------------------------------------------------------------------------------- run
+
+
+@dataclass(frozen=True)
+class BenchModels:
+    fleet: FleetModels
+    draft_checkpoint: Path  # the torch checkpoint the ONNX draft was exported from (assisted)
+
+
+def run_fleet_bench(
+    models: ModelsChoice = "tiny",
+    boards: Sequence[int] = DEFAULT_BOARDS,
+    duration_s: float = DEFAULT_DURATION_S,
+    target_rate: float | None = None,
+    emulate: bool = True,
+    profile: str = "rpi5",
+    modes: Sequence[str] = DEFAULT_MODES,
+    sampling: SamplingMix = "mixed",
+    max_new_tokens: int = 64,
+    dtype: Dtype | None = None,
+    k_max: int | None = None,
+    threshold: float | None = None,
+    peer_requests: int = DEFAULT_PEER_REQUESTS,
+    board_step_ms: float | None = None,
+    home: Path | None = None,
+    progress: ProgressFn | None = None,
+) -> BenchReport:
+    """Run every mode at every number of boards; see the module docstring.
+
+    Emulated boards take `board_step_ms` per drafted token when given (a figure measured on
+    the real board beats the profile's estimate), else this machine's measured draft step
+    times the profile's hardware factor.
+    """
+    defaults = DeviceSettings()
+    config = BenchConfig(
+        models=models,
+        boards=_check_boards(boards),
+        duration_s=duration_s,
+        modes=[get_mode(name).name for name in dict.fromkeys(modes)],
+        sampling=sampling,
+        max_new_tokens=max_new_tokens,
+        dtype=dtype or ("bfloat16" if models == "qwen" else "float32"),
+        k_max=k_max or defaults.k_max,
+        threshold=defaults.threshold if threshold is None else threshold,
+        emulate=emulate,
+        profile=profile,
+        target_rate=target_rate,
+        peer_requests=peer_requests,
+        board_step_ms=board_step_ms,
+    )
+    _check_config(config)
+    board_profile = get_profile(profile)
+    progress = progress or (lambda description, done, total: None)
+    log = get_logger(component="bench-fleet")
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    plan = JobPlan(shipped_bench_prompts(), config.sampling)
+    results: dict[str, ModeReport] = {}
+    runs: dict[str, list[RequestRecord]] = {}
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
+        workdir = Path(tmp)
+        progress("preparing models", 0, 1)
+        bench_models = _prepare_models(config.models, workdir, home)
+        progress("measuring the draft step on this machine", 0, 1)
+        step_ms = measure_draft_step_ms(bench_models.fleet.draft_dir)
+        emulated_ms = _emulated_step_ms(config, board_profile, step_ms)
+        log.info("draft_step_measured", step_ms=round(step_ms, 3), emulated_ms=emulated_ms)
+        tokenizer = _tokenizer(bench_models.fleet.draft_dir)
+        for name in config.modes:
+            mode = MODES[name]
+            if isinstance(mode, FleetMode):
+                results[name] = _run_fleet_mode(
+                    mode, config, bench_models.fleet, workdir / name, plan, emulated_ms,
+                    tokenizer, runs, progress,
+                )
+                gc.collect()
+        peers = [MODES[name] for name in config.modes if isinstance(MODES[name], PeerMode)]
+        if peers:
+            results.update(_run_peer_modes(peers, config, bench_models, plan, tokenizer, runs, progress))
+            gc.collect()
+    rate, rule = capacity_target_rate(config, results)
+    for report in results.values():
+        if report.kind == "fleet":
+            report.capacity, report.capacity_censored = capacity_of(report.points, rate)
+    throughput, throughput_boards = sled_throughput_ratio(results)
+    capacity, bound = sled_capacity_ratio(results)
+    check = lossless_check(runs)
+    errors = sum(p.errors for r in results.values() for p in r.points)
+    return BenchReport(
+        modes=results,
+        throughput_ratio=throughput,
+        throughput_boards=throughput_boards,
+        capacity_ratio=capacity,
+        capacity_ratio_bound=bound,
+        lossless=is_lossless(check),
+        lossless_check=check,
+        emulated_boards=config.emulate,
+        profile=board_profile if config.emulate else None,
+        draft_step_ms=step_ms,
+        emulated_step_ms=emulated_ms,
+        target_rate=rate,
+        target_rate_rule=rule,
+        errors=errors,
+        models={
+            "target": bench_models.fleet.target_name,
+            "draft": bench_models.fleet.draft_dir.name,
+            "dtype": config.dtype,
+        },
+        machine=_machine(load_before),
+        config=config,
+        command=equivalent_command(config),
+        started_at=started_at,
+        wall_s=time.monotonic() - started,
+    )
+
+
+def _emulated_step_ms(config: BenchConfig, profile: BoardProfile, measured_ms: float) -> float | None:
+    if not config.emulate:
+        return None
+    return config.board_step_ms if config.board_step_ms is not None else measured_ms * profile.hardware_factor
+
+
+def _check_boards(boards: Sequence[int]) -> list[int]:
+    if not boards or any(n < 1 for n in boards):
+        raise ValueError(f"boards must be positive numbers of boards, got {list(boards)}")
+    return sorted(set(boards))
+
+
+def _check_config(config: BenchConfig) -> None:
+    if config.duration_s <= 0:
+        raise ValueError(f"duration must be positive, got {config.duration_s}")
+    if not config.modes:
+        raise ValueError("no modes to run")
+    if not 1 <= config.max_new_tokens <= 4096:
+        raise ValueError(f"max_new_tokens must be 1..4096, got {config.max_new_tokens}")
+    if config.target_rate is not None and config.target_rate <= 0:
+        raise ValueError(f"target rate must be positive, got {config.target_rate}")
+    if config.board_step_ms is not None and (config.board_step_ms <= 0 or not config.emulate):
+        raise ValueError("a board step time must be positive, and applies to emulated boards only")
+    if config.peer_requests < 1:
+        raise ValueError("peer_requests must be at least 1")
+    if config.sampling == "sampled" and any(MODES[m].kind == "peer" for m in config.modes):
+        raise ValueError("the in-process peers run greedy jobs: use sampling 'mixed' or drop them")
+    DeviceSettings(k_max=config.k_max, threshold=config.threshold)  # validates both
+
+
+def _prepare_models(models: ModelsChoice, workdir: Path, home: Path | None) -> BenchModels:
+    """The tiny seeded pair (made here), or the Qwen pair from the model store (pulled and
+    exported on first use, as `fleet demo` does)."""
+    from fleet.models.export import export_draft
+
+    if models == "tiny":
+        from fleet.models.tiny import write_tiny_models
+
+        target, draft = write_tiny_models(workdir / "tiny")
+        report = export_draft(draft, workdir / "tiny" / "draft-onnx", "none")
+        return BenchModels(FleetModels("tiny", target, report.out), draft)
+    from rich.console import Console
+
+    from fleet.demo import DEFAULT_DRAFT, store_models
+    from fleet.models.store import ModelStore
+
+    store_home = home or default_home()
+    fleet_models = store_models(store_home, Console(stderr=True))
+    return BenchModels(fleet_models, ModelStore(store_home).path(DEFAULT_DRAFT))
+
+
+def _tokenizer(draft_dir: Path):  # -> tokenizers.Tokenizer
+    """The boards' own tokenizer: prompts are encoded and streams decoded exactly as they do."""
+    from tokenizers import Tokenizer
+
+    from device.manifest import TOKENIZER_FILE
+
+    return Tokenizer.from_file(str(draft_dir / TOKENIZER_FILE))
+
+
+class BatchRecord(NamedTuple):
+    """One batched forward pass as the service recorded it, with the server's KV bytes and
+    open sessions right after it."""
+
+    at: float  # time.monotonic() when it ended
+    sessions: int
+    verify_s: float
+    drafted: int
+    accepted: int
+    committed: int
+    kv_bytes: int
+    open_sessions: int
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the forward pass: each session's pending token plus its draft."""
+        return self.sessions + self.drafted
+
+
+class BatchLog(ServiceStats):
+    """The service's rolling stats, plus every batch with the server's KV bytes and open
+    sessions at that moment. Installed as `service.stats` (the service keeps only its last 64
+    batches, for its status topic); `record` runs on the service's scheduler thread."""
+
+    def __init__(self, service: VerificationService) -> None:
+        super().__init__()
+        self._service = service
+        self.records: list[BatchRecord] = []
+
+    def record(self, batch_size: int, verify_s: float, drafted: int, accepted: int, committed: int) -> None:
+        super().record(batch_size, verify_s, drafted, accepted, committed)
+        self.records.append(BatchRecord(
+            time.monotonic(), batch_size, verify_s, drafted, accepted, committed,
+            self._service.engine.total_bytes, len(self._service.routes),
+        ))
+
+    def window(self, start: float, end: float) -> list[BatchRecord]:
+        return [r for r in self.records if start <= r.at <= end]
+
+
+class _RssPeak:
+    """Peak resident memory of this process while a point runs (boards, server and broker
+    clients share the process: the growth is the fleet's, mostly the server's KV caches and
+    activations)."""
+
+    def __init__(self) -> None:
+        self._process = psutil.Process()
+        self.baseline = self.peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="bench-rss", daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(RSS_SAMPLE_S):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.baseline) / 2**20
+
+
+def _run_fleet_mode(
+    mode: FleetMode,
+    config: BenchConfig,
+    models: FleetModels,
+    workdir: Path,
+    plan: JobPlan,
+    emulated_ms: float | None,
+    tokenizer,
+    runs: dict[str, list[RequestRecord]],
+    progress: ProgressFn,
+) -> ModeReport:
+    devices = [f"board-{i + 1}" for i in range(max(config.boards))]
+    server = ServerSettings(
+        dtype=config.dtype, k_max=config.k_max, max_sessions=2 * len(devices),
+    ).model_copy(update=mode.server)
+    device = DeviceSettings(
+        k_max=config.k_max,
+        threshold=config.threshold,
+        emulated_step_ms=emulated_ms if mode.drafts else None,
+        hardware=config.profile if config.emulate else "this machine",
+        # A verdict late on a loaded machine is slowness to measure, not a lost server: a
+        # resync would re-open the session and count the same tokens twice.
+        verdict_timeout_s=REQUEST_TIMEOUT_S,
+    ).model_copy(update=mode.device)
+    progress(f"{mode.name}: starting broker, server and {len(devices)} boards", 0, 1)
+    points = []
+    with LocalFleet(models=models, workdir=workdir, devices=devices, server=server, device=device) as fleet:
+        service = fleet.services[server.server_id]
+        batches = BatchLog(service)
+        service.stats = batches
+
+        def generate(board: str, request: GenerationRequest, on_delta: Callable[[str], None]) -> GenerationResponse:
+            return fleet.app.generate(board, request, on_delta=on_delta, timeout_s=REQUEST_TIMEOUT_S)
+
+        warmup = plan.job(0).request(WARMUP_TOKENS)
+        fleet.app.generate(devices[0], warmup, timeout_s=REQUEST_TIMEOUT_S)
+        warmup_batches = len(batches.records)  # the first passes pay one-off allocations
+        decode = tokenizer.decode
+        for n in config.boards:
+            label = f"{mode.name}, {n} board{'s' if n > 1 else ''}"
+
+            def tick(elapsed: float | None, label: str = label) -> None:
+                if elapsed is None:
+                    progress(f"{label}: ramping up (opening every board's session)", 0, config.duration_s)
+                    return
+                state = "measuring" if elapsed < config.duration_s else "finishing requests in flight"
+                progress(f"{label}: {state}", min(elapsed, config.duration_s), config.duration_s)
+
+            with _RssPeak() as rss:
+                start, records = run_closed_loop(
+                    generate, devices[:n], plan, config.max_new_tokens, config.duration_s, decode, tick
+                )
+            runs[f"{mode.name}@{n}"] = records
+            window = (start, start + config.duration_s)
+            points.append(_fleet_point(n, window, records, batches.window(*window), rss.growth_mb, mode))
+    return ModeReport(
+        name=mode.name, kind="fleet", description=mode.description, points=points,
+        verify_cost=_verify_cost(batches.records[warmup_batches:]),
+    )
+
+
+def _verify_cost(batches: Sequence[BatchRecord]) -> list[VerifyCost]:
+    """Mean forward-pass time in power-of-two buckets of tokens per pass (1, 2-3, 4-7, ...)."""
+    buckets: dict[int, list[float]] = {}
+    for batch in batches:
+        buckets.setdefault(batch.tokens.bit_length() - 1, []).append(batch.verify_s)
+    return [
+        VerifyCost(
+            tokens_min=2**power, tokens_max=2 ** (power + 1) - 1, batches=len(times),
+            verify_ms_mean=1000 * sum(times) / len(times),
+        )
+        for power, times in sorted(buckets.items())
+    ]
+
+
+def _fleet_point(
+    n: int,
+    window: tuple[float, float],
+    records: list[RequestRecord],
+    batches: list[BatchRecord],
+    rss_growth_mb: float,
+    mode: FleetMode,
+) -> PointResult:
+    seconds = window[1] - window[0]
+    tokens = tokens_in_window(records, window)
+    finished = [r for r in records if r.stats is not None and r.done <= window[1]]
+    measured = finished or [r for r in records if r.stats is not None]
+    stats = [r.stats for r in measured]
+    drafted = sum(s.drafted for s in stats)
+    accepted = sum(s.accepted for s in stats)
+    verifications = sum(s.verifications for s in stats)
+    verify_s = sum(b.verify_s for b in batches)
+    committed = sum(b.committed for b in batches)
+    peak = max(batches, key=lambda b: (b.open_sessions, b.kv_bytes), default=None)
+    return PointResult(
+        boards=n,
+        window_s=seconds,
+        requests=len(records),
+        errors=sum(r.error is not None for r in records),
+        tokens=tokens,
+        system_tok_s=tokens / seconds,
+        session_tok_s=tokens / seconds / n,
+        **_latency(records, window),
+        acceptance_rate=accepted / drafted if mode.drafts and drafted else None,
+        mean_accepted=accepted / verifications if mode.drafts and verifications else None,
+        server_s_per_token=verify_s / committed if committed else None,
+        server_busy=verify_s / seconds,
+        batch_sessions_mean=sum(b.sessions for b in batches) / len(batches) if batches else None,
+        batch_tokens_mean=sum(b.tokens for b in batches) / len(batches) if batches else None,
+        kv_bytes_per_session=peak.kv_bytes / peak.open_sessions if peak is not None and peak.open_sessions else None,
+        rss_growth_mb=rss_growth_mb,
+        mqtt_bytes_per_verification=(
+            sum(s.bytes_out + s.bytes_in for s in stats) / verifications if verifications else None
+        ),
+        # A server-decoded session has one round trip (the open); its verdicts are pushed.
+        round_trip_ms=(
+            sum(s.round_trip_ms * s.verifications for s in stats) / verifications
+            if mode.drafts and verifications else None
+        ),
+    )
+
+
+def _latency(records: Sequence[RequestRecord], window: tuple[float, float]) -> dict[str, float | None]:
+    tbt = time_between_tokens(records, window)
+    ttft = [r.chunks[0][0] - r.sent for r in records if r.chunks and window[0] <= r.chunks[0][0] <= window[1]]
+    p50, p95, first = percentile(tbt, 50), percentile(tbt, 95), percentile(ttft, 50)
+    return {
+        "tbt_ms_p50": None if p50 is None else 1000 * p50,
+        "tbt_ms_p95": None if p95 is None else 1000 * p95,
+        "ttft_ms_p50": None if first is None else 1000 * first,
+    }
+
+
+def _run_peer_modes(
+    peers: list[PeerMode],
+    config: BenchConfig,
+    models: BenchModels,
+    plan: JobPlan,
+    tokenizer,
+    runs: dict[str, list[RequestRecord]],
+    progress: ProgressFn,
+) -> dict[str, ModeReport]:
+    jobs = plan.greedy_jobs(config.peer_requests)
+    reports = {}
+    progress("loading the target (and draft) with transformers", 0, 1)
+    with HFPeers(models.fleet.target_dir, models.draft_checkpoint, config.dtype) as hf:
+        for mode in peers:
+            done = [0]
+
+            def tick(mode: PeerMode = mode, done: list[int] = done) -> None:
+                done[0] += 1
+                progress(f"{mode.name}: one request at a time", done[0], len(jobs))
+
+            progress(f"{mode.name}: one request at a time", 0, len(jobs))
+            records = hf.run(
+                jobs, lambda text: tokenizer.encode(text).ids, config.max_new_tokens, mode.assistant, tick
+            )
+            runs[f"{mode.name}@1"] = records
+            reports[mode.name] = ModeReport(
+                name=mode.name, kind="peer", description=mode.description, points=[_peer_point(records)]
+            )
+    return reports
+
+
+def _peer_point(records: list[RequestRecord]) -> PointResult:
+    """One session at a time: its busy time is the whole elapsed time, and all of it is the
+    serving machine's compute."""
+    busy = sum(r.done - r.sent for r in records)
+    tokens = sum(len(r.tokens) for r in records)
+    window = (min(r.sent for r in records), max(r.done for r in records))
+    return PointResult(
+        boards=1,
+        window_s=busy,
+        requests=len(records),
+        errors=0,
+        tokens=tokens,
+        system_tok_s=tokens / busy,
+        session_tok_s=tokens / busy,
+        **_latency(records, window),
+        server_s_per_token=busy / tokens if tokens else None,
+        server_busy=1.0,
+    )
+
+
+# ---------------------------------------------------------------------------------- summary
+
+
+def _machine(load_before: tuple[float, float, float]) -> dict[str, Any]:
+    import onnxruntime
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
+        cpu = match.group(1) if match else cpu
+    mosquitto = shutil.which("mosquitto")
+    version = None
+    if mosquitto:
+        out = subprocess.run([mosquitto, "-h"], capture_output=True, text=True, timeout=10, check=False).stdout
+        version = next((line for line in out.splitlines() if "version" in line), None)
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": False,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "mosquitto": version,
+        "load_avg_before": [round(x, 2) for x in load_before],
+        "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def equivalent_command(config: BenchConfig) -> str:
+    """The `fleet bench` command line that repeats this configuration."""
+    parts = [
+        "fleet bench",
+        f"--models {config.models}",
+        f"--boards {','.join(map(str, config.boards))}",
+        f"--duration {config.duration_s:g}",
+        f"--modes {','.join(config.modes)}",
+        f"--sampling {config.sampling}",
+        f"--max-new-tokens {config.max_new_tokens}",
+        f"--dtype {config.dtype}",
+        f"--k-max {config.k_max}",
+        f"--threshold {config.threshold:g}",
+        f"--peer-requests {config.peer_requests}",
+        f"--profile {config.profile}" if config.emulate else "--real-drafting",
+    ]
+    if config.board_step_ms is not None:
+        parts.append(f"--board-step-ms {config.board_step_ms:g}")
+    if config.target_rate is not None:
+        parts.append(f"--target-rate {config.target_rate:g}")
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+def _parse_list(value: str, what: str) -> list[str]:
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        raise typer.BadParameter(f"{what}: give a comma-separated list")
+    return items
+
+
+def bench_command(
+    ctx: typer.Context,
+    models: Annotated[str, typer.Option("--models", help="tiny (seeded, made here) or qwen (the model store's pair).")] = "tiny",
+    boards: Annotated[str, typer.Option("--boards", help="Numbers of boards to run, comma-separated.")] = "1,2,4,8,16",
+    duration: Annotated[float, typer.Option("--duration", min=1.0, help="Seconds each mode runs at each number of boards.")] = DEFAULT_DURATION_S,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON to FILE.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write tokens/s against boards as PNG to FILE.")] = None,
+    profile: Annotated[str, typer.Option("--profile", help="Board profile to emulate: rpi5, rpi4b, jetson-orin-nano.")] = "rpi5",
+    real_drafting: Annotated[bool, typer.Option("--real-drafting", help="Boards draft at this machine's speed (no emulation).")] = False,
+    target_rate: Annotated[float | None, typer.Option("--target-rate", min=0.0, help="Per-session tokens/s that counts toward capacity [default: half of one server-only session's rate in this run].")] = None,
+    modes: Annotated[str, typer.Option("--modes", help=f"Comma-separated: {', '.join(MODES)}.")] = ",".join(DEFAULT_MODES),
+    sampling: Annotated[str, typer.Option("--sampling", help="mixed (half greedy, half sampled), greedy or sampled.")] = "mixed",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, max=4096)] = 64,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Target dtype for every mode [default: bfloat16 for qwen, float32 for tiny].")] = None,
+    k_max: Annotated[int | None, typer.Option("--k-max", min=1, max=64, help="Most tokens a board drafts per round.")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", min=0.0, max=1.0, help="Boards stop drafting below this confidence.")] = None,
+    peer_requests: Annotated[int, typer.Option("--peer-requests", min=1, help="Greedy requests the in-process peers run.")] = DEFAULT_PEER_REQUESTS,
+    board_step_ms: Annotated[float | None, typer.Option("--board-step-ms", min=0.0, help="Emulated board draft step in ms, instead of the profile's factor x this machine's step.")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "warning",
+) -> None:
+    """Speculative fleet (sled) against the server alone and HF assisted generation, in one run.
+
+    Also usable as the callback of a `bench` group: it does nothing when a subcommand
+    (`fleet bench verify`, `fleet bench draft`) was asked for.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from transformers.utils import logging as transformers_logging
+
+    from fleet.logging import configure_logging
+
+    try:
+        configure_logging(log_level)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    transformers_logging.disable_progress_bar()  # model loads would break the progress bar
+
+    if models not in ("tiny", "qwen"):
+        raise typer.BadParameter(f"--models must be tiny or qwen, not {models!r}")
+    if sampling not in ("mixed", "greedy", "sampled"):
+        raise typer.BadParameter(f"--sampling must be mixed, greedy or sampled, not {sampling!r}")
+    if dtype not in (None, "float32", "bfloat16"):
+        raise typer.BadParameter(f"--dtype must be float32 or bfloat16, not {dtype!r}")
+    try:
+        board_counts = [int(n) for n in _parse_list(boards, "--boards")]
+    except ValueError as exc:
+        raise typer.BadParameter(f"--boards must be whole numbers, got {boards!r}") from exc
+    console = Console()
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=1)
+
+        def show(description: str, done: float, total: float) -> None:
+            bar.update(task, description=description, completed=done, total=total)
+
+        try:
+            report = run_fleet_bench(
+                models=models, boards=board_counts, duration_s=duration, target_rate=target_rate,
+                emulate=not real_drafting, profile=profile, modes=_parse_list(modes, "--modes"),
+                sampling=sampling, max_new_tokens=max_new_tokens, dtype=dtype, k_max=k_max,
+                threshold=threshold, peer_requests=peer_requests, board_step_ms=board_step_ms,
+                progress=show,
+            )
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    console.print(results_table(report))
+    console.print(verify_cost_table(report))
+    for line in summary_lines(report):
+        console.print(line, markup=False, highlight=False)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
+        console.print(f"report written to {json_out}")
+    if plot is not None:
+        write_plot(report, plot)
+        console.print(f"plot written to {plot}")

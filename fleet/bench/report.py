@@ -1,0 +1,340 @@
+"""The benchmark's report: its shape (pydantic, the JSON `fleet bench --json` writes), the
+summary figures computed from the measured points, and how it is shown (table, PNG plot).
+
+Definitions of every figure: docs/benchmarks.md.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from fleet.bench.profiles import BoardProfile
+from fleet.bench.workload import RequestRecord, SamplingMix
+
+ModelsChoice = Literal["tiny", "qwen"]
+Dtype = Literal["float32", "bfloat16"]
+# The capacity threshold when none is given: this share of what one session gets from the
+# server alone (server-only mode, smallest N) in the same run.
+DEFAULT_TARGET_SHARE = 0.5
+
+
+class PointResult(BaseModel):
+    """One mode at one number of boards (definitions in docs/benchmarks.md)."""
+
+    boards: int
+    window_s: float
+    requests: int
+    errors: int
+    tokens: int  # committed inside the window
+    system_tok_s: float
+    session_tok_s: float
+    tbt_ms_p50: float | None
+    tbt_ms_p95: float | None
+    ttft_ms_p50: float | None
+    acceptance_rate: float | None = None
+    mean_accepted: float | None = None
+    server_s_per_token: float | None = None
+    server_busy: float | None = None  # share of the window the target spent in forward passes
+    batch_sessions_mean: float | None = None
+    batch_tokens_mean: float | None = None
+    kv_bytes_per_session: float | None = None
+    rss_growth_mb: float | None = None
+    mqtt_bytes_per_verification: float | None = None
+    round_trip_ms: float | None = None
+
+
+class VerifyCost(BaseModel):
+    """Batched forward passes with `tokens_min`..`tokens_max` tokens (sessions plus drafted
+    tokens), and their mean wall time."""
+
+    tokens_min: int
+    tokens_max: int
+    batches: int
+    verify_ms_mean: float
+
+
+class ModeReport(BaseModel):
+    name: str
+    kind: Literal["fleet", "peer"]
+    description: str
+    points: list[PointResult]
+    capacity: int | None = None  # fleet modes only
+    capacity_censored: bool = False  # met at the largest N tested: the capacity is at least that
+    # Fleet modes: the server's measured cost shape, forward-pass wall time by tokens in the pass.
+    verify_cost: list[VerifyCost] = Field(default_factory=list)
+
+    def at(self, boards: int) -> PointResult | None:
+        return next((p for p in self.points if p.boards == boards), None)
+
+
+class Mismatch(BaseModel):
+    job: int
+    prompt_index: int
+    runs: list[str]  # runs whose output differs from the reference
+    reference: str
+    first_divergence: int
+
+
+class LosslessCheck(BaseModel):
+    jobs_compared: int  # greedy jobs that ran more than once (any mode, any N)
+    jobs_against_target: int  # of those, how many the target alone also ran (the reference)
+    outputs_compared: int
+    modes_compared: list[str]
+    mismatches: list[Mismatch]
+
+
+class BenchConfig(BaseModel):
+    models: ModelsChoice
+    boards: list[int]
+    duration_s: float
+    modes: list[str]
+    sampling: SamplingMix
+    max_new_tokens: int
+    dtype: Dtype
+    k_max: int
+    threshold: float
+    emulate: bool
+    profile: str
+    target_rate: float | None
+    peer_requests: int
+    board_step_ms: float | None = None  # given emulated step time, instead of profile x measured
+
+
+class BenchReport(BaseModel):
+    modes: dict[str, ModeReport]
+    throughput_ratio: float | None
+    throughput_boards: int | None
+    capacity_ratio: float | None
+    capacity_ratio_bound: Literal["exact", "lower", "upper", "unknown"]
+    lossless: bool
+    lossless_check: LosslessCheck
+    emulated_boards: bool
+    profile: BoardProfile | None
+    draft_step_ms: float  # measured on this machine
+    emulated_step_ms: float | None
+    target_rate: float
+    target_rate_rule: str
+    errors: int
+    models: dict[str, str]
+    machine: dict[str, Any]
+    config: BenchConfig
+    command: str
+    started_at: str
+    wall_s: float
+
+
+# ---------------------------------------------------------------------------------- summary
+
+
+def capacity_target_rate(config: BenchConfig, results: dict[str, ModeReport]) -> tuple[float, str]:
+    if config.target_rate is not None:
+        return config.target_rate, "given"
+    fleet_modes = [r for r in results.values() if r.kind == "fleet"]
+    base = results.get("server-only") or (fleet_modes[0] if fleet_modes else None)
+    if base is None or not base.points:
+        return 0.0, "no fleet mode ran: capacity not measured"
+    point = base.points[0]
+    rule = (
+        f"{DEFAULT_TARGET_SHARE:g} x the per-session rate of {base.name} "
+        f"with {point.boards} board{'s' if point.boards > 1 else ''} in this run"
+    )
+    return DEFAULT_TARGET_SHARE * point.session_tok_s, rule
+
+
+def capacity_of(points: Sequence[PointResult], rate: float) -> tuple[int, bool]:
+    """The largest N tested up to which every tested N got `rate` per session, and whether
+    the largest N tested still did (then the true capacity is at least that)."""
+    capacity = 0
+    for point in sorted(points, key=lambda p: p.boards):
+        if point.session_tok_s < rate:
+            return capacity, False
+        capacity = point.boards
+    return capacity, True
+
+
+def sled_throughput_ratio(results: dict[str, ModeReport]) -> tuple[float | None, int | None]:
+    sled, alone = results.get("sled"), results.get("server-only")
+    if sled is None or alone is None:
+        return None, None
+    common = sorted({p.boards for p in sled.points} & {p.boards for p in alone.points})
+    if not common:
+        return None, None
+    n = common[-1]
+    base = alone.at(n).system_tok_s
+    return (sled.at(n).system_tok_s / base if base > 0 else None), n
+
+
+def sled_capacity_ratio(results: dict[str, ModeReport]) -> tuple[float | None, str]:
+    """sled / server-only capacity, and what kind of figure it is: a capacity at the largest
+    N tested is a lower bound, so the ratio is then a lower or an upper bound (or neither)."""
+    sled, alone = results.get("sled"), results.get("server-only")
+    if sled is None or alone is None or sled.capacity is None or alone.capacity is None:
+        return None, "unknown"
+    if alone.capacity == 0:
+        return None, "unknown"
+    ratio = sled.capacity / alone.capacity
+    censored = (sled.capacity_censored, alone.capacity_censored)
+    bound = {(False, False): "exact", (True, False): "lower", (False, True): "upper"}.get(censored, "unknown")
+    return ratio, bound
+
+
+def lossless_check(runs: dict[str, list[RequestRecord]]) -> LosslessCheck:
+    """Group the greedy outputs of every run by job and compare each with the reference: the
+    target alone's output where it ran that job, else the job's first run."""
+    outputs: dict[int, dict[str, list[int]]] = {}
+    prompts: dict[int, int] = {}
+    for run, records in runs.items():
+        for record in records:
+            if record.job.greedy and record.error is None:
+                outputs.setdefault(record.job.index, {})[run] = record.tokens
+                prompts[record.job.index] = record.job.prompt_index
+    compared = {job: by_run for job, by_run in sorted(outputs.items()) if len(by_run) > 1}
+    mismatches = []
+    for job, by_run in compared.items():
+        reference_run = next((run for run in by_run if run.startswith("target@")), next(iter(by_run)))
+        reference = by_run[reference_run]
+        differing = [run for run, tokens in by_run.items() if tokens != reference]
+        if differing:
+            mismatches.append(Mismatch(
+                job=job,
+                prompt_index=prompts[job],
+                runs=differing,
+                reference=reference_run,
+                first_divergence=min(_divergence(reference, by_run[run]) for run in differing),
+            ))
+    return LosslessCheck(
+        jobs_compared=len(compared),
+        jobs_against_target=sum(any(run.startswith("target@") for run in by_run) for by_run in compared.values()),
+        outputs_compared=sum(len(by_run) for by_run in compared.values()),
+        modes_compared=sorted({run.split("@")[0] for by_run in compared.values() for run in by_run}),
+        mismatches=mismatches,
+    )
+
+
+def _divergence(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def is_lossless(check: LosslessCheck) -> bool:
+    """True only when outputs of at least two modes were compared and none differed."""
+    return len(check.modes_compared) >= 2 and not check.mismatches
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+def results_table(report: BenchReport):  # -> rich.table.Table
+    from rich.table import Table
+
+    boards = "emulated " + report.profile.name if report.profile else "real drafting"
+    step = f", {report.emulated_step_ms:.1f} ms/token" if report.emulated_step_ms else ""
+    table = Table(
+        title=f"fleet bench: {report.models['target']} ({report.models['dtype']}), "
+        f"draft {report.models['draft']}, boards {boards}{step}",
+        caption="tok/s: committed tokens per second; TBT, TTFT and RTT in ms; srv s/tok: server "
+        "forward-pass seconds per committed token; busy: share of the window in forward passes",
+    )
+    columns = ("mode", "N", "sys tok/s", "sess tok/s", "TBT p50/p95", "TTFT p50", "accept",
+               "mean acc", "srv s/tok", "busy", "KV/sess", "B/verif", "RTT", "err")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "mode" else "right", no_wrap=column == "mode")
+    for mode in report.modes.values():
+        for p in mode.points:
+            table.add_row(
+                mode.name, str(p.boards), f"{p.system_tok_s:.2f}", f"{p.session_tok_s:.2f}",
+                f"{_f(p.tbt_ms_p50, '.0f')}/{_f(p.tbt_ms_p95, '.0f')}", _f(p.ttft_ms_p50, ".0f"),
+                _f(p.acceptance_rate, ".2f"), _f(p.mean_accepted, ".2f"), _f(p.server_s_per_token, ".4f"),
+                _f(p.server_busy, ".0%"), _bytes(p.kv_bytes_per_session),
+                _f(p.mqtt_bytes_per_verification, ".0f"), _f(p.round_trip_ms, ".0f"), str(p.errors),
+            )
+    return table
+
+
+def verify_cost_table(report: BenchReport):  # -> rich.table.Table
+    """The server's forward-pass time by tokens per pass, per fleet mode: the cost shape that
+    bounds what speculation can gain on this machine."""
+    from rich.table import Table
+
+    fleet_modes = [m for m in report.modes.values() if m.kind == "fleet"]
+    table = Table(title="server forward pass: mean ms by tokens in the pass (batches)")
+    table.add_column("tokens", justify="right")
+    for mode in fleet_modes:
+        table.add_column(mode.name, justify="right")
+    ranges = sorted({(c.tokens_min, c.tokens_max) for m in fleet_modes for c in m.verify_cost})
+    for low, high in ranges:
+        cells = []
+        for mode in fleet_modes:
+            cost = next((c for c in mode.verify_cost if c.tokens_min == low), None)
+            cells.append("-" if cost is None else f"{cost.verify_ms_mean:.0f} ({cost.batches})")
+        table.add_row(str(low) if low == high else f"{low}-{high}", *cells)
+    return table
+
+
+def summary_lines(report: BenchReport) -> list[str]:
+    capacities = ", ".join(
+        f"{m.name} {m.capacity}{'+' if m.capacity_censored else ''}"
+        for m in report.modes.values() if m.capacity is not None
+    )
+    check = report.lossless_check
+    return [
+        (
+            f"throughput_ratio (sled / server-only, system tok/s at N={report.throughput_boards}): "
+            f"{_f(report.throughput_ratio, '.2f')}"
+        ),
+        f"capacity at >= {report.target_rate:.2f} tok/s per session ({report.target_rate_rule}): {capacities}",
+        f"capacity_ratio: {_f(report.capacity_ratio, '.2f')} ({report.capacity_ratio_bound})",
+        (
+            f"lossless: {report.lossless} ({check.jobs_compared} greedy jobs, {check.outputs_compared} "
+            f"outputs across {', '.join(check.modes_compared) or 'nothing'}, "
+            f"{check.jobs_against_target} of them against the target alone; {len(check.mismatches)} differ)"
+        ),
+        f"boards: {'emulated ' + report.profile.name if report.profile else 'real ONNX drafting on this machine'}"
+        f" (draft step here {report.draft_step_ms:.2f} ms"
+        + (f", emulated {report.emulated_step_ms:.2f} ms)" if report.emulated_step_ms else ")"),
+    ]
+
+
+def _f(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _bytes(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f} MiB" if value >= 2**20 else f"{value / 1024:.0f} KiB"
+
+
+def write_plot(report: BenchReport, path: Path) -> None:
+    """System and per-session tokens/s against the number of boards, one line per mode; the
+    in-process peers (one request at a time) are drawn as horizontal reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (system, session) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode in report.modes.values():
+        if mode.kind == "fleet":
+            n = [p.boards for p in mode.points]
+            system.plot(n, [p.system_tok_s for p in mode.points], marker="o", label=mode.name)
+            session.plot(n, [p.session_tok_s for p in mode.points], marker="o", label=mode.name)
+        else:
+            rate = mode.points[0].system_tok_s
+            system.axhline(rate, linestyle=":", color="grey" if mode.name == "target" else "tab:green",
+                           label=f"{mode.name} (1 at a time)")
+            session.axhline(rate, linestyle=":", color="grey" if mode.name == "target" else "tab:green",
+                            label=f"{mode.name} (1 at a time)")
+    session.axhline(report.target_rate, linestyle="--", color="tab:red", label="capacity target")
+    for axes, title in ((system, "system committed tokens/s"), (session, "per-session tokens/s")):
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(report.config.boards, [str(n) for n in report.config.boards])
+        axes.set_xlabel("boards (concurrent sessions)")
+        axes.set_title(title)
+        axes.grid(True, alpha=0.3)
+    session.legend(fontsize=8)
+    boards = f"emulated {report.profile.name}" if report.profile else "real drafting"
+    figure.suptitle(f"{report.models['target']} ({report.models['dtype']}) + {report.models['draft']}, "
+                    f"{boards}; {report.machine['logical_cpus']} CPUs")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

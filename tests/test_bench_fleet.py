@@ -1,0 +1,252 @@
+"""`fleet bench`: the fleet benchmark on the tiny seeded pair, real Mosquitto, real ONNX draft,
+real transformers target; plus the pure parts (token attribution, capacity, losslessness).
+
+The full run is shared by the tests below (module fixture): boards 1 and 2, a few seconds
+each, every mode.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fleet.bench.fleet import MODES, bench_command, run_fleet_bench
+from fleet.bench.profiles import PROFILES, get_profile
+from fleet.bench.report import (
+    BenchReport,
+    PointResult,
+    capacity_of,
+    lossless_check,
+    sled_capacity_ratio,
+    write_plot,
+)
+from fleet.bench.workload import (
+    Job,
+    JobPlan,
+    RequestRecord,
+    chunk_token_counts,
+    percentile,
+    shipped_bench_prompts,
+    time_between_tokens,
+)
+
+BOARDS = [1, 2]
+DURATION_S = 2.0
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def report() -> BenchReport:
+    return run_fleet_bench("tiny", boards=BOARDS, duration_s=DURATION_S, max_new_tokens=NEW_TOKENS, peer_requests=2)
+
+
+def test_report_has_every_mode_and_point(report: BenchReport) -> None:
+    assert set(report.modes) == {"sled", "server-only", "assisted", "target"}
+    for name in ("sled", "server-only"):
+        mode = report.modes[name]
+        assert [p.boards for p in mode.points] == BOARDS
+        for point in mode.points:
+            assert point.errors == 0
+            assert point.requests >= point.boards
+            assert point.tokens > 0 and point.system_tok_s > 0
+            assert math.isclose(point.session_tok_s * point.boards, point.system_tok_s)
+            assert 0 < point.tbt_ms_p50 <= point.tbt_ms_p95
+            assert point.ttft_ms_p50 > 0
+            assert point.server_s_per_token > 0 and 0 < point.server_busy <= 1.0
+            assert point.batch_sessions_mean >= 1 and point.batch_tokens_mean >= point.batch_sessions_mean
+            assert point.kv_bytes_per_session > 0
+            assert point.mqtt_bytes_per_verification > 0
+            assert point.rss_growth_mb is not None
+    for point in report.modes["sled"].points:
+        assert 0 < point.acceptance_rate < 1  # the tiny draft is a perturbed target: some of both
+        assert point.mean_accepted > 0 and point.round_trip_ms > 0
+        assert point.batch_tokens_mean > point.batch_sessions_mean  # drafts are verified
+    for point in report.modes["server-only"].points:
+        assert point.acceptance_rate is None and point.round_trip_ms is None
+        assert point.batch_tokens_mean == point.batch_sessions_mean  # one token per session a step
+    for name in ("assisted", "target"):
+        (point,) = report.modes[name].points
+        assert point.boards == 1 and point.requests == 2 and point.tokens > 0
+        assert point.tbt_ms_p50 is not None
+
+
+def test_summary_fields(report: BenchReport) -> None:
+    sled, alone = report.modes["sled"], report.modes["server-only"]
+    assert report.throughput_boards == max(BOARDS)
+    expected = sled.at(2).system_tok_s / alone.at(2).system_tok_s
+    assert math.isclose(report.throughput_ratio, expected)
+    assert report.target_rate > 0 and "server-only" in report.target_rate_rule
+    for mode in (sled, alone):
+        assert mode.capacity in (0, 1, 2)
+    assert report.capacity_ratio_bound in ("exact", "lower", "upper", "unknown")
+    assert report.emulated_boards and report.profile is not None and report.profile.name == "rpi5"
+    assert math.isclose(report.emulated_step_ms, report.draft_step_ms * report.profile.hardware_factor)
+    assert report.machine["logical_cpus"] >= 1 and report.machine["torch"]
+    assert report.command.startswith("fleet bench --models tiny --boards 1,2 --duration 2 ")
+    assert report.errors == 0
+
+
+def test_greedy_outputs_identical_across_modes(report: BenchReport) -> None:
+    check = report.lossless_check
+    assert report.lossless, check.mismatches
+    assert check.jobs_against_target == 2  # the peers' two greedy jobs, also run by the fleet
+    assert {"sled", "server-only", "target"} <= set(check.modes_compared)
+    assert check.jobs_compared >= 1 and check.outputs_compared > check.jobs_compared
+
+
+def test_json_round_trip_and_plot(report: BenchReport, tmp_path: Path) -> None:
+    data = json.loads(report.model_dump_json())
+    for key in ("modes", "throughput_ratio", "capacity_ratio", "lossless", "emulated_boards", "machine", "command"):
+        assert key in data
+    assert BenchReport.model_validate(data) == report
+    plot = tmp_path / "bench.png"
+    write_plot(report, plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- pure parts ------------------------------------------------------------------------
+
+
+def test_job_plan_is_the_same_for_every_board_count() -> None:
+    plan = JobPlan(shipped_bench_prompts())
+    assert len(plan.prompts) % 2 == 1, "an odd prompt count asks every prompt both ways"
+    jobs = [plan.job(i) for i in range(2 * len(plan.prompts))]
+    assert {(j.prompt_index, j.greedy) for j in jobs} == {(p, g) for p in range(len(plan.prompts)) for g in (True, False)}
+    assert {p.kind for p in plan.prompts} == {"code", "prose"}
+    # Board b of N runs jobs b, b + N, ...: together the boards run jobs 0.. in order.
+    assert sorted(plan.board_job(b, 4, r).index for b in range(4) for r in range(3)) == list(range(12))
+    sampled = plan.job(1).request(16)
+    assert sampled.temperature > 0 and sampled.seed == 1
+    assert plan.job(0).request(16).temperature == 0.0
+    assert [j.index for j in plan.greedy_jobs(3)] == [0, 2, 4]
+
+
+def test_chunk_token_counts_follows_the_stream() -> None:
+    words = {1: "a", 2: "bc", 3: "", 4: "d", 5: "ef"}
+
+    def decode(ids: list[int]) -> str:
+        return "".join(words[i] for i in ids)
+
+    # Chunks as a board streams them: text of all committed tokens minus what was sent.
+    assert chunk_token_counts([1, 2, 4, 5], ["abc", "def"], decode) == [2, 2]
+    # A token decoding to nothing is left for the final response.
+    assert chunk_token_counts([1, 2, 4, 3], ["a", "bcd"], decode) == [1, 2]
+
+
+def test_record_finish_and_time_between_tokens() -> None:
+    job = Job(index=0, prompt_index=0, kind="code", prompt="x", greedy=True)
+    record = RequestRecord(job=job, board="b", sent=10.0, texts=[(11.0, "ab"), (11.5, "c")], done=11.6)
+    record.tokens = [1, 2, 3, 4]  # "a", "b", "c", then one that decodes to nothing
+    record.finish(lambda ids: "".join({1: "a", 2: "b", 3: "c", 4: ""}[i] for i in ids))
+    assert record.chunks == [(11.0, 2), (11.5, 1), (11.6, 1)]
+    # The first chunk is time to first token; later chunks spread their gap over their tokens.
+    assert time_between_tokens([record], (0.0, 100.0)) == pytest.approx([0.5, 0.1])
+    assert time_between_tokens([record], (11.55, 100.0)) == pytest.approx([0.1])
+
+
+def test_percentile() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([0.0, 10.0], 95) == pytest.approx(9.5)
+
+
+def _point(boards: int, rate: float) -> PointResult:
+    return PointResult(
+        boards=boards, window_s=1, requests=1, errors=0, tokens=1, system_tok_s=rate * boards,
+        session_tok_s=rate, tbt_ms_p50=None, tbt_ms_p95=None, ttft_ms_p50=None,
+    )
+
+
+def test_capacity_is_the_last_board_count_before_the_rate_is_missed() -> None:
+    assert capacity_of([_point(1, 5), _point(2, 4), _point(4, 2)], rate=3) == (2, False)
+    assert capacity_of([_point(1, 5), _point(2, 4)], rate=3) == (2, True)  # censored: at least 2
+    assert capacity_of([_point(1, 2), _point(2, 4)], rate=3) == (0, False)
+
+
+def test_capacity_ratio_says_which_bound_it_is(report: BenchReport) -> None:
+    modes = {name: mode.model_copy() for name, mode in report.modes.items()}
+    modes["sled"].capacity, modes["sled"].capacity_censored = 4, True
+    modes["server-only"].capacity, modes["server-only"].capacity_censored = 2, False
+    assert sled_capacity_ratio(modes) == (2.0, "lower")
+    modes["server-only"].capacity = 0
+    assert sled_capacity_ratio(modes) == (None, "unknown")
+
+
+def test_lossless_check_reports_the_first_divergence() -> None:
+    job = Job(index=4, prompt_index=4, kind="code", prompt="x", greedy=True)
+
+    def record(tokens: list[int]) -> RequestRecord:
+        r = RequestRecord(job=job, board="b", sent=0.0)
+        r.tokens = tokens
+        return r
+
+    check = lossless_check({"sled@1": [record([1, 2, 3])], "target@1": [record([1, 2, 4])], "server-only@1": [record([1, 2, 4])]})
+    assert check.jobs_compared == check.jobs_against_target == 1 and check.outputs_compared == 3
+    (mismatch,) = check.mismatches
+    assert mismatch.runs == ["sled@1"] and mismatch.reference == "target@1" and mismatch.first_divergence == 2
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"boards": [0, 2]}, "boards"),
+        ({"duration_s": 0}, "duration"),
+        ({"modes": ["sled", "nope"]}, "unknown bench mode 'nope'"),
+        ({"profile": "pi9"}, "unknown board profile 'pi9'"),
+        ({"sampling": "sampled"}, "greedy jobs"),
+        ({"emulate": False, "board_step_ms": 10.0}, "emulated boards only"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        run_fleet_bench("tiny", **kwargs)
+
+
+def test_cli_rejects_bad_boards() -> None:
+    import typer
+
+    app = typer.Typer()
+    app.command()(bench_command)
+    result = CliRunner().invoke(app, ["--boards", "1,x"])
+    assert result.exit_code != 0 and "--boards" in result.output
+
+
+def test_profiles_declare_their_basis() -> None:
+    assert {"rpi5", "jetson-orin-nano"} <= set(PROFILES)
+    for profile in PROFILES.values():
+        assert profile.hardware_factor > 0 and len(profile.rationale) > 80
+    assert get_profile("rpi5").hardware_factor > get_profile("jetson-orin-nano").hardware_factor
+    assert set(MODES) >= {"sled", "server-only", "assisted", "target"}
+
+
+# --- the real pair (slow) ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_qwen_pair_short_run_is_lossless_in_float32() -> None:
+    """The Qwen pair from the model store, float32 (greedy equality is exact only there), one
+    board, a short window: real acceptance, and greedy outputs equal across modes."""
+    from device.manifest import draft_store_dir
+    from fleet.demo import DEFAULT_DRAFT, DEFAULT_DRAFT_QUANT, DEFAULT_TARGET
+    from fleet.models.store import ModelStore
+
+    store = ModelStore()
+    if not all(store.status(name).verified for name in (DEFAULT_TARGET, DEFAULT_DRAFT)):
+        pytest.skip("the Qwen pair is not in the model store (fleet models pull)")
+    if not (draft_store_dir(DEFAULT_DRAFT, DEFAULT_DRAFT_QUANT) / "manifest.json").is_file():
+        pytest.skip("the Qwen draft is not exported (fleet models export-draft)")
+    report = run_fleet_bench(
+        "qwen", boards=[1], duration_s=20, modes=["sled", "server-only", "target"], dtype="float32",
+        max_new_tokens=16, peer_requests=1,
+    )
+    assert report.errors == 0
+    assert report.lossless, report.lossless_check.mismatches
+    assert report.lossless_check.jobs_against_target == 1
+    (sled,) = report.modes["sled"].points
+    assert sled.acceptance_rate > 0.3  # the 0.5B draft agrees with the 1.5B target most of the time
+    assert report.throughput_ratio is not None and report.throughput_ratio > 0
