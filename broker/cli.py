@@ -69,14 +69,15 @@ def broker_command(
         typer.echo(f"fleet broker: {exc}", err=True)
         raise typer.Exit(2) from exc
     local.credentials.write(credentials_file)
+    # Said before the broker answers, so whoever connects has read it; Ctrl-C may come at any
+    # point once the broker answers, even before start() returns.
+    _explain(local.credentials, credentials_file, local.process.log_file)
     try:
         local.process.start()
+        status = local.process.wait()
     except BrokerStartError as exc:
         typer.echo(f"fleet broker: {exc}\n(choose another port with --port)", err=True)
         raise typer.Exit(1) from exc
-    _explain(local.credentials, credentials_file, local.process.log_file)
-    try:
-        status = local.process.wait()
     except KeyboardInterrupt:
         local.process.stop()
         typer.echo("broker stopped")
