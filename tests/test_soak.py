@@ -36,8 +36,10 @@ PER_BOARD = 4
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
 WARM_UP_S = min(60.0, SOAK_SECONDS / 5)
 SAMPLE_S = 10.0
-# Allowed growth of resident memory from the end of warm-up to the end of the soak.
+# Allowed growth of resident memory from the end of warm-up to the end of the soak, in all
+# and per completed request (a leak of 40 KB a request once went unnoticed in a slow soak).
 MAX_RSS_GROWTH_MB = 32.0
+MAX_RSS_GROWTH_KB_PER_REQUEST = 10.0
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(SOAK_SECONDS + 600)]
 
@@ -101,6 +103,8 @@ def test_soak_sixteen_sessions(fleet_models: FleetModels, references: dict[str, 
     assert report["completed"] > 0
     for name, growth in report["rss_growth_mb"].items():
         assert growth < MAX_RSS_GROWTH_MB, f"{name} grew {growth:.1f} MB after warm-up"
+        per_request = 1024 * growth / report["completed"]
+        assert per_request < MAX_RSS_GROWTH_KB_PER_REQUEST, f"{name} grew {per_request:.1f} KB a request"
 
 
 def _wait_online(ops: BrokerSettings, topics: Topics, processes: dict[str, subprocess.Popen[bytes]]) -> None:
