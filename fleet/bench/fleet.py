@@ -2,9 +2,9 @@
 
 Every fleet mode runs against the same real Mosquitto (with TLS, passwords and ACL), the same
 target model and the same workload (`fleet.bench.workload`); the in-process peers run the
-same greedy jobs. For each mode and each number of boards N, the N boards run a closed loop
-of requests for `duration_s` seconds; the figures are taken over that window (see
-docs/benchmarks.md for each definition). The summary compares `sled` with `server-only`:
+same greedy jobs. For each number of boards N, each fleet mode in turn starts a fresh fleet
+whose N boards run a closed loop of requests for a `duration_s` window; the figures are taken
+over that window (see docs/benchmarks.md for each definition). The summary compares `sled` with `server-only`:
 
 - throughput_ratio: system committed tokens/s, sled / server-only, at the largest N;
 - capacity_ratio: the most boards that still get `target_rate` tokens/s each, sled /
@@ -227,14 +227,23 @@ def run_fleet_bench(
         emulated_ms = _emulated_step_ms(config, board_profile, step_ms)
         log.info("draft_step_measured", step_ms=round(step_ms, 3), emulated_ms=emulated_ms)
         tokenizer = _tokenizer(bench_models.fleet.draft_dir)
-        for name in config.modes:
-            mode = MODES[name]
-            if isinstance(mode, FleetMode):
-                results[name] = _run_fleet_mode(
-                    mode, config, bench_models.fleet, workdir / name, plan, emulated_ms,
-                    tokenizer, runs, progress,
+        fleet_modes = [MODES[name] for name in config.modes if isinstance(MODES[name], FleetMode)]
+        measured: dict[str, list[_FleetPoint]] = {mode.name: [] for mode in fleet_modes}
+        for n in config.boards:
+            for mode in fleet_modes:
+                done = _run_fleet_point(
+                    mode, n, config, bench_models.fleet, workdir / f"{mode.name}-{n}", plan,
+                    emulated_ms, tokenizer, progress,
                 )
-                gc.collect()
+                measured[mode.name].append(done)
+                runs[f"{mode.name}@{n}"] = done.records
+                gc.collect()  # the next fleet loads the target again
+        for mode in fleet_modes:
+            results[mode.name] = ModeReport(
+                name=mode.name, kind="fleet", description=mode.description,
+                points=[done.point for done in measured[mode.name]],
+                verify_cost=_verify_cost([p for done in measured[mode.name] for p in done.passes]),
+            )
         peers = [MODES[name] for name in config.modes if isinstance(MODES[name], PeerMode)]
         if peers:
             results.update(_run_peer_modes(peers, config, bench_models, plan, tokenizer, runs, progress))
@@ -403,20 +412,30 @@ class _RssPeak:
         return (self.peak - self.baseline) / 2**20
 
 
-def _run_fleet_mode(
+@dataclass
+class _FleetPoint:
+    point: PointResult
+    records: list[RequestRecord]
+    passes: list[BatchRecord]  # after warm-up
+
+
+def _run_fleet_point(
     mode: FleetMode,
+    n: int,
     config: BenchConfig,
     models: FleetModels,
     workdir: Path,
     plan: JobPlan,
     emulated_ms: float | None,
     tokenizer,
-    runs: dict[str, list[RequestRecord]],
     progress: ProgressFn,
-) -> ModeReport:
-    devices = [f"board-{i + 1}" for i in range(max(config.boards))]
+) -> _FleetPoint:
+    """A fresh broker, server and `n` boards in `mode`, warmed up with one short request,
+    then the closed loop. A fresh fleet per point lets the modes alternate at each N, so that
+    a change in the machine's other load during the run falls on both modes alike."""
+    devices = [f"board-{i + 1}" for i in range(n)]
     server = ServerSettings(
-        dtype=config.dtype, k_max=config.k_max, max_sessions=2 * len(devices),
+        dtype=config.dtype, k_max=config.k_max, max_sessions=2 * n,
     ).model_copy(update=mode.server)
     device = DeviceSettings(
         k_max=config.k_max,
@@ -427,8 +446,8 @@ def _run_fleet_mode(
         # resync would re-open the session and count the same tokens twice.
         verdict_timeout_s=REQUEST_TIMEOUT_S,
     ).model_copy(update=mode.device)
-    progress(f"{mode.name}: starting broker, server and {len(devices)} boards", 0, 1)
-    points = []
+    label = f"{mode.name}, {n} board{'s' if n > 1 else ''}"
+    progress(f"{label}: starting broker, server and boards", 0, config.duration_s)
     with LocalFleet(models=models, workdir=workdir, devices=devices, server=server, device=device) as fleet:
         service = fleet.services[server.server_id]
         batches = BatchLog(service)
@@ -437,31 +456,24 @@ def _run_fleet_mode(
         def generate(board: str, request: GenerationRequest, on_delta: Callable[[str], None]) -> GenerationResponse:
             return fleet.app.generate(board, request, on_delta=on_delta, timeout_s=REQUEST_TIMEOUT_S)
 
-        warmup = plan.job(0).request(WARMUP_TOKENS)
-        fleet.app.generate(devices[0], warmup, timeout_s=REQUEST_TIMEOUT_S)
-        warmup_batches = len(batches.records)  # the first passes pay one-off allocations
-        decode = tokenizer.decode
-        for n in config.boards:
-            label = f"{mode.name}, {n} board{'s' if n > 1 else ''}"
+        def tick(elapsed: float | None) -> None:
+            if elapsed is None:
+                progress(f"{label}: ramping up (opening every board's session)", 0, config.duration_s)
+                return
+            state = "measuring" if elapsed < config.duration_s else "finishing requests in flight"
+            progress(f"{label}: {state}", min(elapsed, config.duration_s), config.duration_s)
 
-            def tick(elapsed: float | None, label: str = label) -> None:
-                if elapsed is None:
-                    progress(f"{label}: ramping up (opening every board's session)", 0, config.duration_s)
-                    return
-                state = "measuring" if elapsed < config.duration_s else "finishing requests in flight"
-                progress(f"{label}: {state}", min(elapsed, config.duration_s), config.duration_s)
-
-            with _RssPeak() as rss:
-                start, records = run_closed_loop(
-                    generate, devices[:n], plan, config.max_new_tokens, config.duration_s, decode, tick
-                )
-            runs[f"{mode.name}@{n}"] = records
-            window = (start, start + config.duration_s)
-            points.append(_fleet_point(n, window, records, batches.window(*window), rss.growth_mb, mode))
-    return ModeReport(
-        name=mode.name, kind="fleet", description=mode.description, points=points,
-        verify_cost=_verify_cost(batches.records[warmup_batches:]),
-    )
+        fleet.app.generate(devices[0], plan.job(0).request(WARMUP_TOKENS), timeout_s=REQUEST_TIMEOUT_S)
+        warmup_passes = len(batches.records)  # the first passes pay one-off allocations
+        load = os.getloadavg()[0]
+        with _RssPeak() as rss:
+            start, records = run_closed_loop(
+                generate, devices, plan, config.max_new_tokens, config.duration_s, tokenizer.decode, tick
+            )
+    window = (start, start + config.duration_s)
+    point = _fleet_point(n, window, records, batches.window(*window), rss.growth_mb, mode)
+    point.load_avg_1m = load
+    return _FleetPoint(point, records, batches.records[warmup_passes:])
 
 
 def _verify_cost(batches: Sequence[BatchRecord]) -> list[VerifyCost]:

@@ -43,6 +43,7 @@ class PointResult(BaseModel):
     rss_growth_mb: float | None = None
     mqtt_bytes_per_verification: float | None = None
     round_trip_ms: float | None = None
+    load_avg_1m: float | None = None  # the machine's load when the point started (shared machines)
 
 
 class VerifyCost(BaseModel):
