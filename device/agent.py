@@ -88,7 +88,11 @@ class BoardAgent:
         self.device_id = settings.device.device_id
         self.topics = Topics(settings.topic_root)
         self.draft_dir = Path(draft_dir)
-        probe = runner_factory() if runner_factory is not None else DraftRunner(self.draft_dir)
+        probe = (
+            runner_factory()
+            if runner_factory is not None
+            else DraftRunner(self.draft_dir, intra_op_threads=settings.device.draft_threads)
+        )
         self._new_runner = runner_factory or probe.fork
         self.tokenizer = probe.tokenizer
         self.draft_name = probe.manifest.name
@@ -326,7 +330,10 @@ class Generation:
             round_trip_ms=1000 * self.round_trip_s / self.verifications if self.verifications else 0.0,
         )
         self._emit(done=True, reason=reason, stats=stats, tokens=list(self.generated))
-        self.log.info("request_done", reason=reason, tokens=len(self.generated), acceptance=round(stats.acceptance_rate, 3))
+        self.log.info(
+            "request_done", reason=reason, tokens=len(self.generated),
+            acceptance=round(stats.acceptance_rate, 3), pipelined=self.drafter.carried_total,
+        )
 
     def _session_rounds(self) -> str:
         """Open a fresh session with the whole committed context and run draft/verdict
@@ -360,7 +367,12 @@ class Generation:
                 self.drafter.discard()
                 raise
             live.server = verdict.server
-            self._apply(batch.tokens, verdict)
+            self._apply(batch, verdict)
+            while not verdict.finished and verdict.next_k == 0:
+                # Speculation does not pay at the server's load: it decodes the next token
+                # itself and pushes the verdict, until it suggests drafting again.
+                seq += 1
+                verdict = self._pushed(live, seq)
             if verdict.finished:
                 return verdict.reason or "eos"
             seq += 1
@@ -377,16 +389,22 @@ class Generation:
             server_decodes=True,
         )
         verdict = self._exchange(live, 0, opening)
+        live.server = verdict.server
+        self._apply(None, verdict)
         seq = 0
-        while True:
-            live.server = verdict.server
-            self._apply((), verdict)
-            if verdict.finished:
-                return verdict.reason or "eos"
+        while not verdict.finished:
             seq += 1
-            verdict = self._await(live, seq)
-            if verdict.error_code is not None:
-                raise ServerGone(f"{verdict.error_code}: {verdict.error}")
+            verdict = self._pushed(live, seq)
+        return verdict.reason or "eos"
+
+    def _pushed(self, live: LiveSession, seq: int) -> VerdictMessage:
+        """Apply the verdict the server sends unasked for a token it decoded itself."""
+        verdict = self._await(live, seq)
+        if verdict.error_code is not None:
+            raise ServerGone(f"{verdict.error_code}: {verdict.error}")
+        live.server = verdict.server
+        self._apply(None, verdict)
+        return verdict
 
     def _message(self, live: LiveSession, seq: int, batch: DraftBatch) -> DraftMessage:
         """seq 0 opens the session and carries the whole committed context."""
@@ -428,28 +446,42 @@ class Generation:
 
     def _draft(self) -> DraftBatch:
         """Draft, then, when emulating a board slower than this machine, wait out the rest of
-        the emulated step time so the server sees the board's real pace."""
+        the emulated step time so the server sees the board's real pace. Tokens drafted
+        ahead (pipelining) were paced while they were drafted."""
         started = time.perf_counter()
         batch = self.drafter.draft(self.next_k, self.params, self.rng)
-        emulated_ms = self.agent.settings.device.emulated_step_ms
-        if emulated_ms is not None:
-            remaining = emulated_ms * len(batch.tokens) / 1000 - (time.perf_counter() - started)
-            if remaining > 0:
-                time.sleep(remaining)
-        if batch.tokens:
-            self.draft_ms = 1000 * (time.perf_counter() - started) / len(batch.tokens)
+        time.sleep(self._emulated_left(started, batch.fresh))
+        if batch.fresh:
+            self.draft_ms = 1000 * (time.perf_counter() - started) / batch.fresh
         return batch
 
+    def _emulated_left(self, started: float, tokens: int) -> float:
+        """Seconds an emulated board still needs for `tokens` drafted since `started` (0 when
+        drafting at this machine's speed)."""
+        emulated_ms = self.agent.settings.device.emulated_step_ms
+        if emulated_ms is None:
+            return 0.0
+        return max(0.0, emulated_ms * tokens / 1000 - (time.perf_counter() - started))
+
     def _await(self, live: LiveSession, seq: int) -> VerdictMessage:
-        deadline = time.monotonic() + self.agent.settings.device.verdict_timeout_s
+        """The verdict for round `seq`; with pipelining, drafting ahead while it is in flight."""
+        device = self.agent.settings.device
+        deadline = time.monotonic() + device.verdict_timeout_s
+        ahead = device.pipeline and not device.server_decodes
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ServerGone("no verdict within the timeout")
+            wait, drafting = remaining, False
+            started = time.perf_counter()
+            if ahead and self.drafter.draft_ahead(self.params, self.rng):
+                wait, drafting = min(remaining, self._emulated_left(started, 1)), True
             try:
-                item = live.verdicts.get(timeout=remaining)
+                item = live.verdicts.get(timeout=wait) if wait > 0 else live.verdicts.get_nowait()
             except queue.Empty:
                 continue
+            if drafting and wait > 0:
+                self.drafter.drop_last_ahead()  # the emulated board had not finished that token
             if item is None:
                 raise ServerGone(f"server {live.server} went offline")
             verdict, size = item
@@ -458,17 +490,23 @@ class Generation:
                 return verdict
             # A repeated verdict of an earlier round (QoS 1 redelivery): already applied.
 
-    def _apply(self, drafted: tuple[int, ...], verdict: VerdictMessage) -> None:
+    def _apply(self, batch: DraftBatch | None, verdict: VerdictMessage) -> None:
+        drafted = len(batch.tokens) if batch is not None else 0
         self.verifications += 1
-        self.drafted += len(drafted)
+        self.drafted += drafted
         self.accepted += verdict.accepted
-        self.agent.metrics.record_verdict(len(drafted), verdict.accepted, len(verdict.tokens))
+        self.agent.metrics.record_verdict(
+            drafted, verdict.accepted, len(verdict.tokens), drafted - batch.fresh if batch is not None else 0
+        )
         self.next_k = verdict.next_k
         self.generated.extend(verdict.tokens)
         with self.agent._lock:
             self.agent._committed_total += len(verdict.tokens)
         if not verdict.finished and verdict.tokens and not self.agent.settings.device.server_decodes:
-            self.drafter.commit(verdict.accepted, verdict.tokens[-1])
+            if batch is None:
+                self.drafter.follow(verdict.tokens)
+            else:
+                self.drafter.commit(verdict.accepted, verdict.tokens[-1])
         self._stream()
 
     def _stream(self) -> None:

@@ -69,7 +69,7 @@ def serve(
     credentials: CredsOpt = None,
     server_id: Annotated[str | None, typer.Option("--id", help="Server id [default: the broker username].")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Target: catalog name or checkpoint directory.")] = None,
-    speculation: Annotated[Literal["adaptive", "fixed"] | None, typer.Option("--speculation", help="How next_k is chosen: adaptive (default) or fixed (always k_max).")] = None,
+    speculation: Annotated[Literal["adaptive", "fixed", "off"] | None, typer.Option("--speculation", help="How next_k is chosen: adaptive (default), fixed (always k_max) or off (the server decodes every token).")] = None,
     metrics_port: MetricsPortOpt = None,
     log_level: LevelOpt = None,
     log_format: FormatOpt = None,

@@ -51,8 +51,9 @@ class ServerSettings(BaseModel):
     max_sessions_per_device: int = Field(16, ge=1)
     memory_budget_mb: float = Field(4096, gt=0)
     # How each verdict's next_k is chosen (docs/speculation.md): "adaptive" plans every
-    # batch for the most committed tokens/s; "fixed" always suggests k_max (comparisons).
-    speculation: Literal["adaptive", "fixed"] = "adaptive"
+    # batch for the most committed tokens/s; "fixed" always suggests k_max (comparisons);
+    # "off" suggests 0: the server decodes every token and boards draft nothing.
+    speculation: Literal["adaptive", "fixed", "off"] = "adaptive"
     # Servers claim opens through `$share/<share_group>/...`. Mosquitto 2.0 does not check
     # SUBSCRIBE against the ACL, so a board that knows the name can join the group and swallow
     # the opens it is handed (it cannot read them): keep the name secret. The default is
@@ -83,8 +84,15 @@ class DeviceSettings(BaseModel):
     # Benchmarks emulate a board slower than this machine: each drafted token takes this long
     # (the real ONNX draft still chooses the tokens). None drafts at this machine's speed.
     emulated_step_ms: float | None = Field(None, ge=0)
+    # ONNX Runtime intra-op threads per draft step. None lets ONNX Runtime use every core (a
+    # board drafts alone); the benchmark sets 1 so that emulated boards sharing the server's
+    # machine do not oversubscribe its cores.
+    draft_threads: int | None = Field(None, ge=1)
     # No drafting at all: the server decodes every token (the server-alone baseline).
     server_decodes: bool = False
+    # Keep drafting while a verdict is in flight, as if the whole draft were accepted; the
+    # part the verdict confirms opens the next draft (docs/speculation.md).
+    pipeline: bool = False
 
 
 class Settings(BaseSettings):

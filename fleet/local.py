@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Self
 
 from broker.process import LocalBroker, prepare_local_broker
 from device.agent import BoardAgent
+from device.runner import DraftRunner
 from fleet.app import AppClient
 from fleet.config import DeviceSettings, ServerSettings, Settings
 from fleet.metrics import (
@@ -28,6 +29,7 @@ from fleet.mqtt import FleetClient, make_client
 from fleet.protocol import DeviceStatus, ProtocolError, ServerStatus, Topics, decode_json
 
 if TYPE_CHECKING:  # torch is imported only when a server actually starts
+    from fleet.bench.link import DelayedLink
     from server.service import VerificationService
 
 APP_ID = "app"
@@ -58,6 +60,9 @@ class LocalFleet:
     # Each component serves Prometheus metrics on its own free port (127.0.0.1), found in
     # `metrics_servers[component id]`.
     metrics: bool = False
+    # Boards reach the broker through a link with this round-trip time (fleet.bench.link);
+    # servers and apps connect directly.
+    board_rtt_ms: float = 0.0
 
     broker: LocalBroker = field(init=False)
     services: dict[str, "VerificationService"] = field(init=False, default_factory=dict)
@@ -65,6 +70,10 @@ class LocalFleet:
     app: AppClient = field(init=False)
     _app_client: FleetClient = field(init=False)
     _threads: list[threading.Thread] = field(init=False, default_factory=list)
+    # One ONNX session for every board of this process (InferenceSession.run is thread-safe):
+    # 32 boards would otherwise hold 32 copies of the draft's weights.
+    _draft: DraftRunner | None = field(init=False, default=None)
+    _link: "DelayedLink | None" = field(init=False, default=None)
     metrics_servers: dict[str, MetricsServer] = field(init=False, default_factory=dict)
 
     def __enter__(self) -> Self:
@@ -78,6 +87,11 @@ class LocalFleet:
         )
         self.broker.process.start()
         try:
+            if self.board_rtt_ms > 0:
+                from fleet.bench.link import DelayedLink
+
+                self._link = DelayedLink(self.broker.credentials.host, self.broker.credentials.port, self.board_rtt_ms)
+                self._link.__enter__()
             self._start_components()
         except BaseException:
             self.__exit__(None, None, None)
@@ -125,8 +139,14 @@ class LocalFleet:
 
     def start_device(self, device_id: str) -> BoardAgent:
         device = self.device.model_copy(update={"device_id": device_id})
+        if self._draft is None:
+            self._draft = DraftRunner(self.models.draft_dir, intra_op_threads=device.draft_threads)
+        settings = self.settings(device_id, device=device)
+        if self._link is not None:
+            settings.broker = settings.broker.model_copy(update={"port": self._link.port})
         agent = BoardAgent(
-            self.settings(device_id, device=device), self.models.draft_dir,
+            settings, self.models.draft_dir,
+            runner_factory=self._draft.fork,
             metrics=self._metrics(device_id, DeviceMetrics),
         )
         self.agents[device_id] = agent
@@ -192,4 +212,6 @@ class LocalFleet:
             self._app_client.loop_stop()
         for endpoint in self.metrics_servers.values():
             endpoint.close()
+        if self._link is not None:
+            self._link.__exit__(None, None, None)
         self.broker.process.stop()

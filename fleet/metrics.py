@@ -102,6 +102,11 @@ class DeviceMetrics:
         self.committed_tokens = Counter(
             "fleet_device_committed_tokens", "Tokens committed to generations on this board.", registry=registry
         )
+        self.pipelined_tokens = Counter(
+            "fleet_device_pipelined_tokens",
+            "Drafted tokens sent that were drafted ahead while the previous verdict was in flight.",
+            registry=registry,
+        )
         self.round_trip_seconds = Histogram(
             "fleet_device_round_trip_seconds", "Draft published -> verdict received.",
             buckets=ROUND_TRIP_SECONDS_BUCKETS, registry=registry,
@@ -115,9 +120,11 @@ class DeviceMetrics:
         """Read the number of requests in service at scrape time."""
         self.active_requests.set_function(active_requests)
 
-    def record_verdict(self, drafted: int, accepted: int, committed: int) -> None:
-        """One verdict applied to a generation."""
+    def record_verdict(self, drafted: int, accepted: int, committed: int, pipelined: int = 0) -> None:
+        """One verdict applied to a generation (`pipelined` of the drafted tokens were
+        drafted ahead)."""
         self.drafted_tokens.inc(drafted)
+        self.pipelined_tokens.inc(pipelined)
         self.accepted_tokens.inc(accepted)
         self.committed_tokens.inc(committed)
 

@@ -59,6 +59,10 @@ class Route:
     committed_len: int = 0
     last_active: float = field(default_factory=time.monotonic)
     server_decodes: bool = False
+    # The last verdict suggested k = 0: speculation does not pay at this load, so the server
+    # decodes the session's next tokens itself (pushing verdicts, no round trip) until the
+    # policy suggests drafting again.
+    pushing: bool = False
     # For the speculation policy's round-trip estimate (this server's monotonic clock).
     verdict_sent_at: float | None = None
     draft_received_at: float = 0.0
@@ -66,6 +70,11 @@ class Route:
     @property
     def key(self) -> str:
         return session_key(self.device, self.session)
+
+    @property
+    def decoded_here(self) -> bool:
+        """The server decodes the next token without waiting for a draft."""
+        return self.server_decodes or self.pushing
 
 
 def session_key(device: str, session: str) -> str:
@@ -166,7 +175,7 @@ class VerificationService:
             self.log.info("share_group_generated", note="a multi-server fleet must set server.share_group on every server")
         try:
             while not self._stopping.is_set():
-                decoding = [r for r in self.routes.values() if r.server_decodes]
+                decoding = [r for r in self.routes.values() if r.decoded_here]
                 proposals = self._admit_all(self._collect(block=not decoding))
                 self._add_server_decoding(proposals)
                 if proposals:
@@ -230,10 +239,11 @@ class VerificationService:
 
     def _add_server_decoding(self, proposals: list[tuple[Route, DraftMessage]]) -> None:
         """Sessions the server decodes alone join every batch with an empty draft: plain
-        decoding with continuous batching, the server-alone baseline."""
+        decoding with continuous batching (the server-alone baseline, and drafting sessions
+        while their suggested k is 0)."""
         present = {id(route) for route, _ in proposals}
         for route in list(self.routes.values()):
-            if route.server_decodes and id(route) not in present:
+            if route.decoded_here and id(route) not in present:
                 step = DraftMessage(session=route.session, seq=route.last_seq + 1, committed_len=0)
                 proposals.append((route, step))
 
@@ -357,13 +367,15 @@ class VerificationService:
         verified = [(r, m, v) for (r, m), v in zip(proposals, verdicts, strict=True) if v.error_code is None]
         self.speculation.observe_batch(sum(len(m.tokens) + 1 for _, m, _ in verified), verify_s)
         for route, message, verdict in verified:
-            if route.server_decodes:
+            if route.decoded_here:  # no draft, no round trip: nothing to learn about the board
                 continue
             drafted = len(message.tokens)
             rtt = round_trip_s(route.verdict_sent_at, route.draft_received_at, drafted, message.draft_ms)
             self.speculation.observe_verdict(route.key, drafted, verdict.accepted, message.draft_ms, rtt)
 
     def _publish_verdict(self, route: Route, message: DraftMessage, verdict: Verdict) -> None:
+        next_k = None if route.server_decodes else self.speculation.next_k(route.key, len(self.routes))
+        route.pushing = next_k == 0 and verdict.error_code is None
         payload = encode(
             VerdictMessage(
                 session=route.session,
@@ -374,7 +386,7 @@ class VerificationService:
                 committed_len=verdict.committed_len,
                 finished=verdict.finished,
                 reason=verdict.reason,
-                next_k=None if route.server_decodes else self.speculation.next_k(route.key, len(self.routes)),
+                next_k=next_k,
                 error_code=verdict.error_code,
                 error=verdict.error,
             ),

@@ -30,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 
-PolicyKind = Literal["adaptive", "fixed"]
+PolicyKind = Literal["adaptive", "fixed", "off"]
 
 # Each verdict multiplies a session's acceptance evidence by this: about the last 20 rounds
 # count, so the estimate follows a session from code into prose within tens of rounds.
@@ -467,10 +467,20 @@ class FixedSpeculation(SpeculationPolicy):
         return self.k_max
 
 
+class NoSpeculation(SpeculationPolicy):
+    """Always 0: the server decodes every session itself, boards draft nothing (an operator's
+    switch for a fleet whose boards are too slow or whose server is saturated)."""
+
+    def next_k(self, session_key: str, pending_sessions: int) -> int:
+        self._session(session_key).k = 0
+        return 0
+
+
 def make_policy(kind: PolicyKind, k_max: int) -> SpeculationPolicy:
     """The policy `ServerSettings.speculation` names."""
-    if kind == "adaptive":
-        return SpeculationPolicy(k_max)
-    if kind == "fixed":
-        return FixedSpeculation(k_max)
-    raise ValueError(f"unknown speculation policy {kind!r}; expected 'adaptive' or 'fixed'")
+    policies: dict[str, type[SpeculationPolicy]] = {
+        "adaptive": SpeculationPolicy, "fixed": FixedSpeculation, "off": NoSpeculation,
+    }
+    if kind not in policies:
+        raise ValueError(f"unknown speculation policy {kind!r}; expected one of {', '.join(policies)}")
+    return policies[kind](k_max)

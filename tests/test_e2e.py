@@ -155,3 +155,25 @@ def test_bad_input_gets_errors_and_disturbs_no_one(
     codes = sorted(decode_verdict(v).error_code for v in verdicts)
     assert codes == ["malformed", "too_long", "unknown_session"]
     assert result["r"].tokens == references[prompt]
+
+
+def test_k_zero_hands_decoding_to_the_server_and_back(
+    fleet_models: FleetModels, references: dict[str, list[int]], tmp_path: Path
+) -> None:
+    """A verdict suggesting k = 0 makes the server decode on its own (pushed verdicts, no
+    drafts); the output is still the target's. With `speculation = "off"` it never hands back."""
+    fleet = LocalFleet(
+        models=fleet_models, workdir=tmp_path, devices=["board-1"],
+        server=ServerSettings(k_max=8, speculation="off"),
+        device=DeviceSettings(k_max=6, threshold=0.2, pipeline=True),
+    )
+    with fleet, structlog.testing.capture_logs() as logs:
+        for index, prompt in enumerate(PROMPTS[:2]):
+            request = GenerationRequest(request_id=f"k0-{index}", prompt=prompt, max_new_tokens=NEW_TOKENS)
+            response = fleet.app.generate("board-1", request, timeout_s=120)
+            assert response.error is None, response.error
+            assert response.tokens == references[prompt]
+            assert response.stats is not None
+            assert response.stats.drafted <= 6  # only the opening draft; then the server decodes
+            assert response.stats.verifications == NEW_TOKENS - response.stats.accepted
+    assert not [e for e in logs if e["log_level"] in ("warning", "error")]

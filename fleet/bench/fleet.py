@@ -412,6 +412,38 @@ class _RssPeak:
         return (self.peak - self.baseline) / 2**20
 
 
+class _BoardCpu:
+    """CPU seconds the boards' generation threads (drafting runs on them: one ONNX Runtime
+    thread per step) used inside the measuring window, read from the kernel's per-thread
+    counters when the window opens and when it closes."""
+
+    def __init__(self, start_in: float) -> None:
+        self._window_s = start_in
+        self._opened: float | None = None
+        self._closed: float | None = None
+
+    def tick(self, inner: Callable[[float | None], None]) -> Callable[[float | None], None]:
+        def observe(elapsed: float | None) -> None:
+            if elapsed is not None:
+                if self._opened is None:
+                    self._opened = _generation_cpu_s()
+                elif self._closed is None and elapsed >= self._window_s:
+                    self._closed = _generation_cpu_s()
+            inner(elapsed)
+
+        return observe
+
+    def share(self, window_s: float) -> float | None:
+        if self._opened is None or self._closed is None:
+            return None
+        return (self._closed - self._opened) / window_s / (os.cpu_count() or 1)
+
+
+def _generation_cpu_s() -> float:
+    ids = {t.native_id for t in threading.enumerate() if t.name.startswith("generation")}
+    return sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id in ids)
+
+
 @dataclass
 class _FleetPoint:
     point: PointResult
@@ -445,6 +477,7 @@ def _run_fleet_point(
         # A verdict late on a loaded machine is slowness to measure, not a lost server: a
         # resync would re-open the session and count the same tokens twice.
         verdict_timeout_s=REQUEST_TIMEOUT_S,
+        draft_threads=1,
     ).model_copy(update=mode.device)
     label = f"{mode.name}, {n} board{'s' if n > 1 else ''}"
     progress(f"{label}: starting broker, server and boards", 0, config.duration_s)
@@ -466,13 +499,16 @@ def _run_fleet_point(
         fleet.app.generate(devices[0], plan.job(0).request(WARMUP_TOKENS), timeout_s=REQUEST_TIMEOUT_S)
         warmup_passes = len(batches.records)  # the first passes pay one-off allocations
         load = os.getloadavg()[0]
+        board_cpu = _BoardCpu(start_in=config.duration_s)
         with _RssPeak() as rss:
             start, records = run_closed_loop(
-                generate, devices, plan, config.max_new_tokens, config.duration_s, tokenizer.decode, tick
+                generate, devices, plan, config.max_new_tokens, config.duration_s, tokenizer.decode,
+                board_cpu.tick(tick),
             )
     window = (start, start + config.duration_s)
     point = _fleet_point(n, window, records, batches.window(*window), rss.growth_mb, mode)
     point.load_avg_1m = load
+    point.board_cpu_share = board_cpu.share(config.duration_s)
     return _FleetPoint(point, records, batches.records[warmup_passes:])
 
 

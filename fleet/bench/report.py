@@ -43,6 +43,9 @@ class PointResult(BaseModel):
     rss_growth_mb: float | None = None
     mqtt_bytes_per_verification: float | None = None
     round_trip_ms: float | None = None
+    # Share of this machine's cores the emulated boards' real drafting took in the window: CPU
+    # the server did not get, which real boards would have drafted on their own.
+    board_cpu_share: float | None = None
     load_avg_1m: float | None = None  # the machine's load when the point started (shared machines)
 
 
