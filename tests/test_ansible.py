@@ -361,6 +361,7 @@ def test_verifier_role_installs_the_server_with_its_target_model(
     root = tmp_path / "root"
     overlay = dependency_overlay(tmp_path / "overlay", exclude=())
     password = secrets.token_urlsafe(16)
+    share_group = secrets.token_hex(12)
     host = local_host(
         verifier_root=str(root),
         verifier_manage_system=False,
@@ -376,15 +377,21 @@ def test_verifier_role_installs_the_server_with_its_target_model(
         verifier_broker_tls=False,
         verifier_dtype="bfloat16",
         verifier_max_sessions=12,
+        verifier_share_group=share_group,
     )
     inventory = {"all": {"children": {"servers": {"hosts": {"server-1": host}}}}}
-    # One run: idempotency of the shared installer is proven by the board's second run.
-    run = run_site(inventory, tmp_path)
+    # Idempotency of the shared installer is proven by the board's second run; the second run
+    # here only drops the share group.
+    run = run_site(inventory, tmp_path, "-v")
     assert run.returncode == 0, run.output[-4000:]
     assert run.recap("server-1")["changed"] > 0
+    assert share_group not in run.output and password not in run.output, "secrets were printed"
 
     config = root / "etc/fleet/server.toml"
+    assert f'share_group = "{share_group}"\n' in config.read_text()
+    assert config.stat().st_mode & 0o777 == 0o640, "the file holds the password and share group"
     settings = load_settings(config)
+    assert settings.server.share_group.get_secret_value() == share_group
     assert settings.server.server_id == "server-1"
     assert settings.server.dtype == "bfloat16" and settings.server.max_sessions == 12
     assert settings.broker.username == "server-1" and not settings.broker.tls
@@ -401,6 +408,77 @@ def test_verifier_role_installs_the_server_with_its_target_model(
     code = "import fleet.config, torch; print(fleet.config.__file__)"
     result = in_venv(venv, overlay, "python", "-c", code)
     assert result.returncode == 0 and result.stdout.startswith(str(venv)), result.stderr
+
+    # A single server may leave it unset: the line goes, and `fleet serve` makes its own.
+    host["verifier_share_group"] = ""
+    again = run_site(inventory, tmp_path)
+    assert again.returncode == 0, again.output[-4000:]
+    assert again.recap("server-1")["changed"] == 1, again.output[-4000:]
+    assert "share_group" not in config.read_text()
+    assert load_settings(config).server.share_group.get_secret_value() != share_group
+
+
+SHARE_GROUP_REQUIRED = "verifier_share_group is required"
+SHARE_GROUP_MALFORMED = "verifier_share_group must be one MQTT topic level"
+
+
+def test_verifier_role_refuses_a_missing_or_malformed_share_group(tmp_path: Path) -> None:
+    """Several servers: each host fails the check its own value breaks, before anything is
+    written, and no value is printed (the bad ones carry a marker to look for)."""
+    root = tmp_path / "root"
+    marker = secrets.token_hex(8)
+    share_groups: dict[str, str | None] = {
+        "server-unset": None,
+        "server-empty": "",
+        "server-slash": f"{marker}/x",
+        "server-plus": f"{marker}+",
+        "server-hash": f"{marker}#",
+        "server-space": f"{marker} x",
+        "server-newline": f"{marker}\n",
+        "server-dollar": f"${marker}",
+        "server-long": marker * 5,   # 80 characters, the limit is 64
+        "server-placeholder": f"CHANGE-ME-{marker}",
+    }
+    expected = {name: SHARE_GROUP_REQUIRED if not value else SHARE_GROUP_MALFORMED
+                for name, value in share_groups.items()}
+    hosts = {
+        name: local_host(
+            verifier_root=str(root),
+            verifier_manage_system=False,
+            verifier_package_source=str(tmp_path / "never-read.whl"),
+            verifier_broker_password=secrets.token_urlsafe(16),
+            **({} if value is None else {"verifier_share_group": value}),
+        )
+        for name, value in share_groups.items()
+    }
+    inventory = {"all": {"children": {"servers": {"hosts": hosts}}}}
+    run = run_site(inventory, tmp_path, "-vvv")
+    assert run.returncode != 0
+    failures = {
+        match["host"]: json.loads(match["result"])["msg"]
+        for match in re.finditer(r"^fatal: \[(?P<host>[^\]]+)\]: FAILED! => (?P<result>\{.*?^\})",
+                                 run.output, re.MULTILINE | re.DOTALL)
+    }
+    assert sorted(failures) == sorted(share_groups), run.output[-4000:]
+    for name, message in failures.items():
+        assert message.startswith(expected[name]), (name, message)
+    assert "10 servers" in failures["server-unset"]
+    assert "CHANGE-ME placeholder" in failures["server-placeholder"]
+    assert marker not in run.output, "a share group was printed"
+    assert not root.exists(), "nothing may be written before the check"
+
+
+def test_verifier_role_refuses_the_example_placeholder_share_group(tmp_path: Path) -> None:
+    """The example inventory takes the share group from the vault file's placeholder."""
+    sandbox = {**local_host(), "verifier_root": str(tmp_path / "root"),
+               "verifier_manage_system": False}
+    result = command([PLAYBOOK, "-i", str(EXAMPLE_INVENTORY), str(ANSIBLE_DIR / "site.yml"),
+                      "--limit", "servers", "-e", json.dumps(sandbox)],
+                     cwd=tmp_path, env=ansible_env(tmp_path))
+    assert result.returncode != 0
+    assert SHARE_GROUP_MALFORMED in result.stdout, result.stdout[-3000:]
+    assert "CHANGE-ME-share-group" not in result.stdout
+    assert not (tmp_path / "root").exists(), "nothing may be written before the check"
 
 
 # ------------------------------------------------------------------------------- mosquitto

@@ -5,13 +5,13 @@ import re
 from dataclasses import dataclass
 
 # Ids become topic levels: no wildcards, separators or `$`; short enough for any broker.
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # fullmatch: "$" alone lets "\n" end it
 SHARE_GROUP = "verifiers"
 
 
 def check_id(kind: str, value: str) -> str:
     """Refuse an id that would change the topic tree (`+`, `#`, `/`) or break the ACL."""
-    if not ID_PATTERN.match(value):
+    if not ID_PATTERN.fullmatch(value):
         raise ValueError(
             f"{kind} id {value!r} must be 1-64 characters of letters, digits, '_', '.' or '-'"
         )
