@@ -289,6 +289,7 @@ class Generation:
         self.drafted = self.accepted = self.verifications = 0
         self.bytes_out = self.bytes_in = 0
         self.round_trip_s = 0.0
+        self.round_trips = 0
         self.next_k: int | None = None
         self.draft_ms = 0.0
 
@@ -327,7 +328,8 @@ class Generation:
             elapsed_s=elapsed,
             bytes_out=self.bytes_out,
             bytes_in=self.bytes_in,
-            round_trip_ms=1000 * self.round_trip_s / self.verifications if self.verifications else 0.0,
+            round_trip_ms=1000 * self.round_trip_s / self.round_trips if self.round_trips else 0.0,
+            round_trips=self.round_trips,
         )
         self._emit(done=True, reason=reason, stats=stats, tokens=list(self.generated))
         self.log.info(
@@ -434,6 +436,7 @@ class Generation:
             verdict = self._await(live, seq)
             round_trip_s = time.perf_counter() - sent
             self.round_trip_s += round_trip_s
+            self.round_trips += 1
             self.agent.metrics.record_round_trip(round_trip_s)
             if verdict.error_code != "busy" or seq != 0:
                 break

@@ -11,7 +11,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fleet.mqtt import FleetClient
-from fleet.protocol import GenerationRequest, GenerationResponse, ProtocolError, Topics, decode_json, encode
+from fleet.protocol import (
+    GenerationRequest,
+    GenerationResponse,
+    ProtocolError,
+    Topics,
+    decode_json,
+    encode,
+)
 
 
 class GenerationTimeout(TimeoutError):

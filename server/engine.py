@@ -281,11 +281,23 @@ class Engine:
         greedy_rows = (
             logits.argmax(dim=-1).tolist() if any(s.session.params.greedy for s in steps) else []
         )
+        # A NaN or inf row (a numerical fault of the target) would be taken for a token by
+        # argmax or poison sampling: refuse that session's round, commit nothing.
+        finite_rows = torch.isfinite(logits).all(dim=-1).tolist()
         verdicts = {}
         row = 0
         for step in steps:
             rows = slice(row, row + len(step.draft) + 1)
             row = rows.stop
+            if not all(finite_rows[rows]):
+                self.log.error("non_finite_logits", session=step.session.session_id)
+                verdicts[step.index] = Verdict(
+                    session_id=step.session.session_id,
+                    committed_len=step.session.committed_len,
+                    error_code="internal",
+                    error="the target produced non-finite logits",
+                )
+                continue
             if step.session.params.greedy:
                 accepted, emitted = greedy_accept(step.draft, greedy_rows[rows])
             else:

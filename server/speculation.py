@@ -11,11 +11,11 @@ in full), with sessions j in lockstep rounds of drafting, round trip and one for
                (= (1 - alpha^(k+1)) / (1 - alpha) when every a_ji = alpha)
     T        = sum_j (k_j + 1)                            tokens in the forward pass
     V(T)     = c0 + c1 * max(0, T - knee)                 verification seconds
-    rate(ks) = sum_j E_j(k_j) / (k_j * t_j + rtt_j + V(T))
+    rate(ks) = sum_j E_j(k_j) / ([k_j > 0] (k_j * t_j + rtt_j) + V(T))
 
 `plan_batch` maximises rate(ks). Under heavy load every drafted token slows the pass more than
-it gains and all ks fall to 0, which is plain decoding: speculation then costs nothing over the
-server alone (but the round trip).
+it gains and all ks fall to 0: the server then decodes those sessions alone, with no drafting
+and no round trip (the hand-off), which is plain continuous batching, the server alone.
 
 Everything here is plain arithmetic on estimates; the service feeds the estimators with what it
 measures (`observe_batch`, `observe_verdict`) and asks `next_k` when it publishes a verdict.
@@ -314,9 +314,15 @@ class _Batch:
     def plain_rate(self, verify_s: np.ndarray) -> np.ndarray:
         return self.plain / (self.plain_round_trip_s + verify_s)
 
-    def rate(self, ks: np.ndarray) -> float:
+    def rate(self, ks: np.ndarray, hand_off: bool = True) -> float:
+        """With `hand_off`, a session at k = 0 is decoded by the server alone: its rounds
+        have no drafting and no round trip, only the shared forward pass (what the service
+        does). Without, every round pays its round trip (what the ascent optimises)."""
         verify = self.cost.seconds(self.tokens(ks))
-        own = self.committed[self.rows, ks] / (self.round_trip_s + self.step_s * ks + verify)
+        overhead = self.round_trip_s + self.step_s * ks
+        if hand_off:
+            overhead = np.where(ks > 0, overhead, 0.0)
+        own = self.committed[self.rows, ks] / (overhead + verify)
         return float(own.sum() + self.plain_rate(verify))
 
 
@@ -326,11 +332,14 @@ def batch_rate(
     cost: LoadModel,
     plain_sessions: int = 0,
     plain_round_trip_s: float = PRIOR_ROUND_TRIP_S,
+    hand_off: bool = True,
 ) -> float:
     """Committed tokens per second of a batch whose sessions draft `ks`, all in lockstep: each
-    round is drafting + round trip + one shared forward pass over every session's tokens."""
+    round is drafting + round trip + one shared forward pass over every session's tokens; with
+    `hand_off` (as the service runs), a session at k = 0 is decoded by the server alone, with
+    no drafting and no round trip."""
     batch = _Batch(sessions, cost, max(ks, default=0), plain_sessions, plain_round_trip_s)
-    return batch.rate(np.array(ks, dtype=int))
+    return batch.rate(np.array(ks, dtype=int), hand_off)
 
 
 def plan_batch(
@@ -379,7 +388,18 @@ def plan_batch(
         if not worth.any():
             break
         ks[int(np.argmax(np.where(worth, gain, -np.inf)))] += 1
-    return ks.tolist()
+    return _prefer_hand_off(batch, ks).tolist()
+
+
+def _prefer_hand_off(batch: _Batch, ks: np.ndarray) -> np.ndarray:
+    """The ascent charges a session at k = 0 its round trip, so that a first drafted token is
+    judged by what it adds, not by the round trip it brings. Sessions at k = 0 are in fact
+    handed to the server, with no round trip at all: when the whole batch does at least as well
+    that way (plain continuous batching), hand it all over. Sessions are not zeroed one by one:
+    a session at 0 drafts nothing, so its acceptance estimate would stay wherever noise had
+    left it (simulated, that cost up to 9% against the best fixed k)."""
+    zeros = np.zeros_like(ks)
+    return zeros if batch.rate(zeros) >= batch.rate(ks) * (1 - RATE_TOLERANCE) else ks
 
 
 def round_trip_s(

@@ -44,7 +44,11 @@ def fleet(
         workdir=tmp_path,
         devices=devices,
         servers=servers or ["server-1"],
-        server=ServerSettings(**{"k_max": 8, "batch_window_ms": 20, "max_sessions": 32, **(server or {})}),
+        # Fixed k: the tiny target verifies in milliseconds, so adaptive k would rightly hand
+        # every session to the server (k = 0), and these tests are about boards that draft.
+        server=ServerSettings(**{
+            "k_max": 8, "batch_window_ms": 20, "max_sessions": 32, "speculation": "fixed", **(server or {}),
+        }),
         device=DeviceSettings(**{
             "k_max": 6,
             "threshold": 0.2,

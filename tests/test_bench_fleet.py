@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fleet.bench.fleet import MODES, bench_command, run_fleet_bench
+from fleet.bench.fleet import MODE_SETS, MODES, bench_command, expand_modes, run_fleet_bench
 from fleet.bench.profiles import PROFILES, get_profile
 from fleet.bench.report import (
     BenchReport,
@@ -200,6 +200,8 @@ def test_lossless_check_reports_the_first_divergence() -> None:
         ({"profile": "pi9"}, "unknown board profile 'pi9'"),
         ({"sampling": "sampled"}, "greedy jobs"),
         ({"emulate": False, "board_step_ms": 10.0}, "emulated boards only"),
+        ({"boards_for": {"pipelining": [1]}}, "do not run: sled-pipelined-rtt100"),
+        ({"boards_for": {"sled": [0]}}, "boards"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
@@ -222,6 +224,61 @@ def test_profiles_declare_their_basis() -> None:
         assert profile.hardware_factor > 0 and len(profile.rationale) > 80
     assert get_profile("rpi5").hardware_factor > get_profile("jetson-orin-nano").hardware_factor
     assert set(MODES) >= {"sled", "server-only", "assisted", "target"}
+
+
+def test_mode_sets_expand_in_order_without_repeats() -> None:
+    assert expand_modes(["sled", "speculation"]) == list(dict.fromkeys(["sled", *MODE_SETS["speculation"]]))
+    assert expand_modes(["pipelining"]) == [
+        "sled-rtt20", "sled-pipelined-rtt20", "sled-rtt100", "sled-pipelined-rtt100",
+    ]
+    with pytest.raises(ValueError, match="sets: default"):
+        expand_modes(["nope"])
+
+
+BEYOND = ["sled", "sled-threshold", "sled-k2", "sled-k4", "sled-rtt100", "sled-pipelined-rtt100",
+          "sled-2servers", "server-only"]
+
+
+@pytest.fixture(scope="module")
+def beyond() -> BenchReport:
+    """The comparison modes of issue 10 side by side, two boards, a short window; boards
+    emulated at 20 ms a token so that a 100 ms round trip leaves room to draft ahead."""
+    return run_fleet_bench(
+        "tiny", boards=[2], duration_s=3.0, max_new_tokens=24, modes=BEYOND, board_step_ms=20.0,
+        boards_for={"sled": [1, 2], "server-only": [1, 2]},
+    )
+
+
+def test_comparison_modes_run_and_are_compared(beyond: BenchReport) -> None:
+    assert list(beyond.modes) == BEYOND
+    assert beyond.lossless, beyond.lossless_check.mismatches
+    assert set(beyond.lossless_check.modes_compared) == set(BEYOND)
+    topics = {c.topic for c in beyond.comparisons}
+    assert topics == {
+        "adaptive k vs the best fixed k", "adaptive k vs threshold only", "speculation vs the server alone",
+        "pipelining at 100 ms round trip", "two servers vs one",
+    }
+    best_fixed = next(c for c in beyond.comparisons if c.topic == "adaptive k vs the best fixed k")
+    fixed = {name: beyond.modes[name].at(2).system_tok_s for name in ("sled-k2", "sled-k4")}
+    assert best_fixed.baseline == max(fixed, key=fixed.get)
+    assert best_fixed.gain == pytest.approx(beyond.modes["sled"].at(2).system_tok_s / max(fixed.values()))
+    assert [p.boards for p in beyond.modes["sled"].points] == [1, 2]
+    assert [p.boards for p in beyond.modes["sled-k2"].points] == [2]
+    assert set(beyond.throughput_ratios) == {1, 2}
+    assert "--boards-for sled=1,2" in beyond.command
+    assert beyond.throughput_ratios[2] == pytest.approx(
+        beyond.modes["sled"].at(2).system_tok_s / beyond.modes["server-only"].at(2).system_tok_s
+    )
+
+
+def test_link_and_pipelining_show_in_the_figures(beyond: BenchReport) -> None:
+    plain, pipelined = beyond.modes["sled-rtt100"].at(2), beyond.modes["sled-pipelined-rtt100"].at(2)
+    assert plain.round_trip_ms is not None and plain.round_trip_ms >= 100
+    assert pipelined.pipelined_share is not None and pipelined.pipelined_share > 0
+    assert plain.pipelined_share is None
+    assert beyond.modes["sled"].at(2).round_trip_ms < 100
+    for point in (plain, pipelined):
+        assert point.board_cpu_share is not None and 0 < point.board_cpu_share < 1
 
 
 # --- the real pair (slow) ----------------------------------------------------------------

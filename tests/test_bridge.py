@@ -89,7 +89,7 @@ def _bridged_fleet(
         workdir=tmp_path,
         devices=devices,
         servers=servers,
-        server=ServerSettings(k_max=8, batch_window_ms=20, max_sessions=32),
+        server=ServerSettings(k_max=8, batch_window_ms=20, max_sessions=32, speculation="fixed"),
         device=DeviceSettings(k_max=6, threshold=0.2, max_concurrent_requests=4),
     )
 

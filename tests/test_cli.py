@@ -28,7 +28,7 @@ _BLOCK_TORCH = textwrap.dedent(
 
 def _fleet_without_torch(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", _BLOCK_TORCH, *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _BLOCK_TORCH, *args], check=False, capture_output=True, text=True, timeout=120
     )
 
 

@@ -25,7 +25,8 @@ def _fleet(models: FleetModels, tmp_path: Path, devices: list[str], **kwargs: ob
         models=models,
         workdir=tmp_path,
         devices=devices,
-        server=ServerSettings(k_max=8, batch_window_ms=20, max_sessions=32),
+        # Fixed k: adaptive k would hand every session to the milliseconds-fast tiny target.
+        server=ServerSettings(k_max=8, batch_window_ms=20, max_sessions=32, speculation="fixed"),
         device=DeviceSettings(k_max=6, threshold=0.2, max_concurrent_requests=4),
         **kwargs,
     )

@@ -298,6 +298,26 @@ def test_bad_drafts_get_their_error_and_leave_the_batch_alone(engine, draft):
     assert after.model_copy(update={"session_id": "twin"}) == alone[0]
 
 
+def test_non_finite_logits_refuse_only_their_session(engine, target, draft):
+    """A target fault confined to one session (here a NaN embedding row for one token id) gets
+    that session an internal error with nothing committed; the rest of the batch is exact."""
+    context = prompt(12, seed=41)
+    healthy_draft = greedy_draft(draft, context, 3)
+    poisoned = next(t for t in range(2, 100) if t not in context + healthy_draft)
+    engine.open("healthy", context, GREEDY)
+    engine.open("faulty", context, GREEDY)
+    with torch.no_grad():
+        engine._runner.model.get_input_embeddings().weight[poisoned] = float("nan")
+    verdicts = engine.verify([
+        DraftProposal(session_id="healthy", tokens=healthy_draft),
+        DraftProposal(session_id="faulty", tokens=[poisoned]),
+    ])
+    assert verdicts[1].error_code == "internal" and "non-finite" in (verdicts[1].error or "")
+    assert verdicts[1].tokens == [] and verdicts[1].committed_len == len(context)
+    assert verdicts[0].error_code is None
+    assert verdicts[0].tokens == greedy_reference(target, context, len(verdicts[0].tokens))
+
+
 def test_open_refusals_name_the_problem(tiny_pair, engine):
     cases = [
         ([], GREEDY, 0, "empty_context"),

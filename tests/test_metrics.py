@@ -57,7 +57,7 @@ def test_scrape_during_and_after_a_generation(fleet_models: FleetModels, tmp_pat
         models=fleet_models,
         workdir=tmp_path,
         devices=["board-1"],
-        server=ServerSettings(k_max=6, batch_window_ms=5),
+        server=ServerSettings(k_max=6, batch_window_ms=5, speculation="fixed"),  # boards draft
         device=DeviceSettings(k_max=4, threshold=0.2, emulated_step_ms=STEP_MS),
         metrics=True,
     )

@@ -110,7 +110,7 @@ def test_pipelined_boards_give_the_target_alone_output(
     output stays the target's, and drafted-ahead tokens were really used."""
     fleet = LocalFleet(
         models=fleet_models, workdir=tmp_path, devices=["board-1"],
-        server=ServerSettings(k_max=6, batch_window_ms=5),
+        server=ServerSettings(k_max=6, batch_window_ms=5, speculation="fixed"),  # no hand-off
         device=DeviceSettings(k_max=4, threshold=0.0, pipeline=True, emulated_step_ms=5.0),
         board_rtt_ms=40.0,
     )

@@ -95,7 +95,7 @@ def local_fleet(models: FleetModels, tmp_path: Path) -> LocalFleet:
         models=models,
         workdir=tmp_path,
         devices=BOARDS,
-        server=ServerSettings(k_max=6, batch_window_ms=5, max_sessions=CAPACITY),
+        server=ServerSettings(k_max=6, batch_window_ms=5, max_sessions=CAPACITY, speculation="fixed"),
         device=DeviceSettings(k_max=4, threshold=0.2, hardware=HARDWARE),
     )
 

@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +37,7 @@ import psutil
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
+from device.agent import BoardAgent
 from fleet.bench.peers import HFPeers
 from fleet.bench.profiles import BoardProfile, get_profile, measure_draft_step_ms
 from fleet.bench.report import (
@@ -49,11 +50,14 @@ from fleet.bench.report import (
     VerifyCost,
     capacity_of,
     capacity_target_rate,
+    comparison_table,
+    comparisons,
     is_lossless,
     lossless_check,
     results_table,
     sled_capacity_ratio,
     sled_throughput_ratio,
+    sled_throughput_ratios,
     summary_lines,
     verify_cost_table,
     write_plot,
@@ -80,6 +84,8 @@ ProgressFn = Callable[[str, float, float], None]  # (what is running, done, tota
 DEFAULT_BOARDS = (1, 2, 4, 8, 16)
 DEFAULT_DURATION_S = 20.0
 DEFAULT_MODES = ("sled", "server-only", "assisted", "target")
+FIXED_KS = range(2, 9)
+LINK_RTTS_MS = (20, 100)
 # Greedy jobs the in-process peers run: the first of the job sequence, which every fleet run
 # starts with, so that they can be compared with the fleet's outputs.
 DEFAULT_PEER_REQUESTS = 3
@@ -102,6 +108,8 @@ class FleetMode(BaseModel):
     device: dict[str, Any] = Field(default_factory=dict)
     server: dict[str, Any] = Field(default_factory=dict)
     drafts: bool = True  # boards draft, so the emulated board step time applies
+    servers: int = Field(1, ge=1)  # verification servers sharing the sessions
+    board_rtt_ms: float = Field(0.0, ge=0)  # boards reach the broker over a link this slow
 
 
 class PeerMode(BaseModel):
@@ -132,6 +140,43 @@ MODES: dict[str, Mode] = {
             device={"server_decodes": True},
             drafts=False,
         ),
+        FleetMode(
+            name="sled-threshold",
+            description="SLED's own policy: boards draft up to k_max and stop below the "
+            "confidence threshold; the server always suggests k_max (no adaptive k)",
+            server={"speculation": "fixed"},
+        ),
+        *(
+            FleetMode(
+                name=f"sled-k{k}",
+                description=f"fixed speculation length: every round drafts exactly {k} tokens "
+                "(no threshold, no adaptive k)",
+                device={"k_max": k, "threshold": 0.0},
+                server={"speculation": "fixed", "k_max": k},
+            )
+            for k in FIXED_KS
+        ),
+        *(
+            FleetMode(
+                name=f"sled{'-pipelined' if pipelined else ''}-rtt{rtt}",
+                description=f"SLED's threshold policy (sled-threshold) with boards behind a {rtt} "
+                "ms round-trip link, "
+                + ("drafting ahead while each verdict is in flight" if pipelined else "no pipelining"),
+                device={"pipeline": pipelined},
+                # Fixed, so that adaptive k does not hand the sessions to the server (k = 0)
+                # when the round trip is long: this measures the drafting pipeline itself.
+                server={"speculation": "fixed"},
+                board_rtt_ms=float(rtt),
+            )
+            for rtt in LINK_RTTS_MS
+            for pipelined in (False, True)
+        ),
+        FleetMode(
+            name="sled-2servers",
+            description="sled with two verification servers on this machine sharing the "
+            "sessions through the shared-subscription claim",
+            servers=2,
+        ),
         PeerMode(
             name="assisted",
             description="Hugging Face assisted generation (draft as assistant_model, greedy), "
@@ -148,11 +193,28 @@ MODES: dict[str, Mode] = {
 }
 
 
+# Named sets for --modes: each puts side by side what one comparison needs.
+MODE_SETS: dict[str, tuple[str, ...]] = {
+    "default": DEFAULT_MODES,
+    "speculation": ("sled", "sled-threshold", *(f"sled-k{k}" for k in FIXED_KS), "server-only"),
+    "pipelining": tuple(f"sled{p}-rtt{rtt}" for rtt in LINK_RTTS_MS for p in ("", "-pipelined")),
+    "servers": ("sled", "sled-2servers"),
+}
+
+
 def get_mode(name: str) -> Mode:
     try:
         return MODES[name]
     except KeyError:
-        raise ValueError(f"unknown bench mode {name!r}; known: {', '.join(MODES)}") from None
+        raise ValueError(
+            f"unknown bench mode {name!r}; known: {', '.join(MODES)} (sets: {', '.join(MODE_SETS)})"
+        ) from None
+
+
+def expand_modes(names: Sequence[str]) -> list[str]:
+    """Mode names with every set name replaced by its modes, first occurrence kept."""
+    expanded = [mode for name in names for mode in MODE_SETS.get(name, (name,))]
+    return [get_mode(name).name for name in dict.fromkeys(expanded)]
 
 
 # ---------------------------------------------------------------------------------- report
@@ -182,10 +244,12 @@ def run_fleet_bench(
     threshold: float | None = None,
     peer_requests: int = DEFAULT_PEER_REQUESTS,
     board_step_ms: float | None = None,
+    boards_for: dict[str, Sequence[int]] | None = None,
     home: Path | None = None,
     progress: ProgressFn | None = None,
 ) -> BenchReport:
-    """Run every mode at every number of boards; see the module docstring.
+    """Run every mode at every number of boards; see the module docstring. `boards_for`
+    gives some modes (or sets of modes) their own numbers of boards instead.
 
     Emulated boards take `board_step_ms` per drafted token when given (a figure measured on
     the real board beats the profile's estimate), else this machine's measured draft step
@@ -196,7 +260,12 @@ def run_fleet_bench(
         models=models,
         boards=_check_boards(boards),
         duration_s=duration_s,
-        modes=[get_mode(name).name for name in dict.fromkeys(modes)],
+        modes=expand_modes(modes),
+        boards_for={
+            mode: _check_boards(counts)
+            for name, counts in (boards_for or {}).items()
+            for mode in expand_modes([name])
+        },
         sampling=sampling,
         max_new_tokens=max_new_tokens,
         dtype=dtype or ("bfloat16" if models == "qwen" else "float32"),
@@ -229,8 +298,8 @@ def run_fleet_bench(
         tokenizer = _tokenizer(bench_models.fleet.draft_dir)
         fleet_modes = [MODES[name] for name in config.modes if isinstance(MODES[name], FleetMode)]
         measured: dict[str, list[_FleetPoint]] = {mode.name: [] for mode in fleet_modes}
-        for n in config.boards:
-            for mode in fleet_modes:
+        for n in sorted({n for mode in fleet_modes for n in config.boards_of(mode.name)}):
+            for mode in (m for m in fleet_modes if n in config.boards_of(m.name)):
                 done = _run_fleet_point(
                     mode, n, config, bench_models.fleet, workdir / f"{mode.name}-{n}", plan,
                     emulated_ms, tokenizer, progress,
@@ -260,6 +329,8 @@ def run_fleet_bench(
         modes=results,
         throughput_ratio=throughput,
         throughput_boards=throughput_boards,
+        throughput_ratios=sled_throughput_ratios(results),
+        comparisons=comparisons(results),
         capacity_ratio=capacity,
         capacity_ratio_bound=bound,
         lossless=is_lossless(check),
@@ -301,6 +372,8 @@ def _check_config(config: BenchConfig) -> None:
         raise ValueError(f"duration must be positive, got {config.duration_s}")
     if not config.modes:
         raise ValueError("no modes to run")
+    if stray := sorted(set(config.boards_for) - set(config.modes)):
+        raise ValueError(f"boards given for modes that do not run: {', '.join(stray)}")
     if not 1 <= config.max_new_tokens <= 4096:
         raise ValueError(f"max_new_tokens must be 1..4096, got {config.max_new_tokens}")
     if config.target_rate is not None and config.target_rate <= 0:
@@ -363,22 +436,32 @@ class BatchRecord(NamedTuple):
         return self.sessions + self.drafted
 
 
-class BatchLog(ServiceStats):
-    """The service's rolling stats, plus every batch with the server's KV bytes and open
+class _ServiceLog(ServiceStats):
+    """One service's rolling stats, plus every batch with the server's KV bytes and open
     sessions at that moment. Installed as `service.stats` (the service keeps only its last 64
     batches, for its status topic); `record` runs on the service's scheduler thread."""
 
-    def __init__(self, service: VerificationService) -> None:
+    def __init__(self, service: VerificationService, records: list[BatchRecord]) -> None:
         super().__init__()
         self._service = service
-        self.records: list[BatchRecord] = []
+        self._records = records
 
     def record(self, batch_size: int, verify_s: float, drafted: int, accepted: int, committed: int) -> None:
         super().record(batch_size, verify_s, drafted, accepted, committed)
-        self.records.append(BatchRecord(
+        self._records.append(BatchRecord(
             time.monotonic(), batch_size, verify_s, drafted, accepted, committed,
             self._service.engine.total_bytes, len(self._service.routes),
         ))
+
+
+class BatchLog:
+    """Every batch of every service of a fleet (list.append is atomic: the services'
+    scheduler threads share one list)."""
+
+    def __init__(self, services: list[VerificationService]) -> None:
+        self.records: list[BatchRecord] = []
+        for service in services:
+            service.stats = _ServiceLog(service, self.records)
 
     def window(self, start: float, end: float) -> list[BatchRecord]:
         return [r for r in self.records if start <= r.at <= end]
@@ -439,6 +522,15 @@ class _BoardCpu:
         return (self._closed - self._opened) / window_s / (os.cpu_count() or 1)
 
 
+def _pipelined_share(agents: Iterable[BoardAgent]) -> float | None:
+    def total(agent: BoardAgent, name: str) -> float:
+        return agent.metrics.registry.get_sample_value(f"fleet_device_{name}_total") or 0.0
+
+    drafted = sum(total(a, "drafted_tokens") for a in agents)
+    ahead = sum(total(a, "pipelined_tokens") for a in agents)
+    return ahead / drafted if drafted else None
+
+
 def _generation_cpu_s() -> float:
     ids = {t.native_id for t in threading.enumerate() if t.name.startswith("generation")}
     return sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id in ids)
@@ -480,11 +572,13 @@ def _run_fleet_point(
         draft_threads=1,
     ).model_copy(update=mode.device)
     label = f"{mode.name}, {n} board{'s' if n > 1 else ''}"
+    servers = [f"server-{i + 1}" for i in range(mode.servers)]
     progress(f"{label}: starting broker, server and boards", 0, config.duration_s)
-    with LocalFleet(models=models, workdir=workdir, devices=devices, server=server, device=device) as fleet:
-        service = fleet.services[server.server_id]
-        batches = BatchLog(service)
-        service.stats = batches
+    with LocalFleet(
+        models=models, workdir=workdir, devices=devices, servers=servers, server=server, device=device,
+        board_rtt_ms=mode.board_rtt_ms,
+    ) as fleet:
+        batches = BatchLog(list(fleet.services.values()))
 
         def generate(board: str, request: GenerationRequest, on_delta: Callable[[str], None]) -> GenerationResponse:
             return fleet.app.generate(board, request, on_delta=on_delta, timeout_s=REQUEST_TIMEOUT_S)
@@ -505,10 +599,12 @@ def _run_fleet_point(
                 generate, devices, plan, config.max_new_tokens, config.duration_s, tokenizer.decode,
                 board_cpu.tick(tick),
             )
+        pipelined_share = _pipelined_share(fleet.agents.values()) if mode.device.get("pipeline") else None
     window = (start, start + config.duration_s)
     point = _fleet_point(n, window, records, batches.window(*window), rss.growth_mb, mode)
     point.load_avg_1m = load
     point.board_cpu_share = board_cpu.share(config.duration_s)
+    point.pipelined_share = pipelined_share
     return _FleetPoint(point, records, batches.records[warmup_passes:])
 
 
@@ -565,10 +661,10 @@ def _fleet_point(
         mqtt_bytes_per_verification=(
             sum(s.bytes_out + s.bytes_in for s in stats) / verifications if verifications else None
         ),
-        # A server-decoded session has one round trip (the open); its verdicts are pushed.
+        # Pushed verdicts (a server-decoded session, or k = 0) have no round trip.
         round_trip_ms=(
-            sum(s.round_trip_ms * s.verifications for s in stats) / verifications
-            if mode.drafts and verifications else None
+            sum(s.round_trip_ms * s.round_trips for s in stats) / round_trips
+            if mode.drafts and (round_trips := sum(s.round_trips for s in stats)) else None
         ),
     )
 
@@ -688,12 +784,21 @@ def equivalent_command(config: BenchConfig) -> str:
     ]
     if config.board_step_ms is not None:
         parts.append(f"--board-step-ms {config.board_step_ms:g}")
+    for mode, counts in config.boards_for.items():
+        parts.append(f"--boards-for {mode}={','.join(map(str, counts))}")
     if config.target_rate is not None:
         parts.append(f"--target-rate {config.target_rate:g}")
     return " ".join(parts)
 
 
 # ---------------------------------------------------------------------------------- output
+
+
+def _parse_boards(value: str, what: str) -> list[int]:
+    try:
+        return [int(n) for n in _parse_list(value, what)]
+    except ValueError as exc:
+        raise typer.BadParameter(f"{what} must be whole numbers, got {value!r}") from exc
 
 
 def _parse_list(value: str, what: str) -> list[str]:
@@ -713,7 +818,7 @@ def bench_command(
     profile: Annotated[str, typer.Option("--profile", help="Board profile to emulate: rpi5, rpi4b, jetson-orin-nano.")] = "rpi5",
     real_drafting: Annotated[bool, typer.Option("--real-drafting", help="Boards draft at this machine's speed (no emulation).")] = False,
     target_rate: Annotated[float | None, typer.Option("--target-rate", min=0.0, help="Per-session tokens/s that counts toward capacity [default: half of one server-only session's rate in this run].")] = None,
-    modes: Annotated[str, typer.Option("--modes", help=f"Comma-separated: {', '.join(MODES)}.")] = ",".join(DEFAULT_MODES),
+    modes: Annotated[str, typer.Option("--modes", help=f"Comma-separated modes ({', '.join(MODES)}) or sets ({', '.join(MODE_SETS)}).")] = "default",
     sampling: Annotated[str, typer.Option("--sampling", help="mixed (half greedy, half sampled), greedy or sampled.")] = "mixed",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, max=4096)] = 64,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Target dtype for every mode [default: bfloat16 for qwen, float32 for tiny].")] = None,
@@ -721,6 +826,7 @@ def bench_command(
     threshold: Annotated[float | None, typer.Option("--threshold", min=0.0, max=1.0, help="Boards stop drafting below this confidence.")] = None,
     peer_requests: Annotated[int, typer.Option("--peer-requests", min=1, help="Greedy requests the in-process peers run.")] = DEFAULT_PEER_REQUESTS,
     board_step_ms: Annotated[float | None, typer.Option("--board-step-ms", min=0.0, help="Emulated board draft step in ms, instead of the profile's factor x this machine's step.")] = None,
+    boards_for: Annotated[list[str] | None, typer.Option("--boards-for", help="MODE_OR_SET=1,4: run these modes at their own numbers of boards (repeatable).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "warning",
 ) -> None:
     """Speculative fleet (sled) against the server alone and HF assisted generation, in one run.
@@ -748,10 +854,13 @@ def bench_command(
         raise typer.BadParameter(f"--sampling must be mixed, greedy or sampled, not {sampling!r}")
     if dtype not in (None, "float32", "bfloat16"):
         raise typer.BadParameter(f"--dtype must be float32 or bfloat16, not {dtype!r}")
-    try:
-        board_counts = [int(n) for n in _parse_list(boards, "--boards")]
-    except ValueError as exc:
-        raise typer.BadParameter(f"--boards must be whole numbers, got {boards!r}") from exc
+    board_counts = _parse_boards(boards, "--boards")
+    per_mode: dict[str, Sequence[int]] = {}
+    for entry in boards_for or []:
+        name, separator, counts = entry.partition("=")
+        if not separator or not name.strip():
+            raise typer.BadParameter(f"--boards-for takes MODE_OR_SET=1,4, got {entry!r}")
+        per_mode[name.strip()] = _parse_boards(counts, "--boards-for")
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
@@ -766,12 +875,14 @@ def bench_command(
                 emulate=not real_drafting, profile=profile, modes=_parse_list(modes, "--modes"),
                 sampling=sampling, max_new_tokens=max_new_tokens, dtype=dtype, k_max=k_max,
                 threshold=threshold, peer_requests=peer_requests, board_step_ms=board_step_ms,
-                progress=show,
+                boards_for=per_mode, progress=show,
             )
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
     console.print(results_table(report))
     console.print(verify_cost_table(report))
+    if (table := comparison_table(report)) is not None:
+        console.print(table)
     for line in summary_lines(report):
         console.print(line, markup=False, highlight=False)
     if json_out is not None:

@@ -11,6 +11,7 @@ import asyncio
 import socket
 import threading
 from concurrent.futures import Future
+from typing import Self
 
 from fleet.logging import get_logger
 
@@ -32,7 +33,7 @@ class DelayedLink:
         self._server: asyncio.Server | None = None
         self._log = get_logger(component="delayed-link")
 
-    def __enter__(self) -> "DelayedLink":
+    def __enter__(self) -> Self:
         self._thread.start()
         started: Future[asyncio.Server] = asyncio.run_coroutine_threadsafe(
             asyncio.start_server(self._accept, "127.0.0.1", 0), self._loop
@@ -43,10 +44,19 @@ class DelayedLink:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.close()
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        self._loop.close()
+
+    async def _shutdown(self) -> None:
+        """Stop accepting, then cut every connection still carried."""
+        if self._server is not None:
+            self._server.close()
+        carried = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in carried:
+            task.cancel()
+        await asyncio.gather(*carried, return_exceptions=True)
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         try:
@@ -59,10 +69,14 @@ class DelayedLink:
             sock = writer.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await asyncio.gather(
-            self._carry(client_reader, upstream_writer),
-            self._carry(upstream_reader, client_writer),
-        )
+        try:
+            await asyncio.gather(
+                self._carry(client_reader, upstream_writer),
+                self._carry(upstream_reader, client_writer),
+            )
+        finally:
+            client_writer.close()
+            upstream_writer.close()
 
     async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Forward what `reader` gets to `writer`, each chunk `one_way_s` after it arrived."""
@@ -81,11 +95,10 @@ class DelayedLink:
         try:
             while data := await reader.read(READ_SIZE):
                 in_flight.put_nowait((loop.time() + self.one_way_s, data))
-        except ConnectionError:
-            pass
-        in_flight.put_nowait(None)
-        try:
+            in_flight.put_nowait(None)
             await delivery
         except ConnectionError:
             pass
-        writer.close()
+        finally:
+            delivery.cancel()
+            writer.close()

@@ -46,6 +46,8 @@ class PointResult(BaseModel):
     # Share of this machine's cores the emulated boards' real drafting took in the window: CPU
     # the server did not get, which real boards would have drafted on their own.
     board_cpu_share: float | None = None
+    # Share of the drafted tokens sent that were drafted ahead while a verdict was in flight.
+    pipelined_share: float | None = None
     load_avg_1m: float | None = None  # the machine's load when the point started (shared machines)
 
 
@@ -104,12 +106,33 @@ class BenchConfig(BaseModel):
     target_rate: float | None
     peer_requests: int
     board_step_ms: float | None = None  # given emulated step time, instead of profile x measured
+    boards_for: dict[str, list[int]] = Field(default_factory=dict)  # modes run at other Ns
+
+    def boards_of(self, mode: str) -> list[int]:
+        return self.boards_for.get(mode, self.boards)
+
+
+class Comparison(BaseModel):
+    """One mode against a baseline at one number of boards, on one figure. `gain` > 1 means
+    the mode did better (higher tokens/s, or lower time between tokens)."""
+
+    topic: str
+    boards: int
+    metric: Literal["system_tok_s", "tbt_ms_p50"]
+    mode: str
+    value: float
+    baseline: str
+    baseline_value: float
+    gain: float
 
 
 class BenchReport(BaseModel):
     modes: dict[str, ModeReport]
     throughput_ratio: float | None
     throughput_boards: int | None
+    # sled / server-only system tokens/s at every N both ran.
+    throughput_ratios: dict[int, float] = Field(default_factory=dict)
+    comparisons: list[Comparison] = Field(default_factory=list)
     capacity_ratio: float | None
     capacity_ratio_bound: Literal["exact", "lower", "upper", "unknown"]
     lossless: bool
@@ -168,6 +191,58 @@ def sled_throughput_ratio(results: dict[str, ModeReport]) -> tuple[float | None,
     n = common[-1]
     base = alone.at(n).system_tok_s
     return (sled.at(n).system_tok_s / base if base > 0 else None), n
+
+
+def sled_throughput_ratios(results: dict[str, ModeReport]) -> dict[int, float]:
+    sled, alone = results.get("sled"), results.get("server-only")
+    if sled is None or alone is None:
+        return {}
+    return {
+        p.boards: p.system_tok_s / base.system_tok_s
+        for p in sled.points
+        if (base := alone.at(p.boards)) is not None and base.system_tok_s > 0
+    }
+
+
+# (topic, mode, baselines, metric): the mode against the best of the baselines that ran.
+COMPARISONS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ("adaptive k vs the best fixed k", "sled", tuple(f"sled-k{k}" for k in range(2, 9)), "system_tok_s"),
+    ("adaptive k vs threshold only", "sled", ("sled-threshold",), "system_tok_s"),
+    ("speculation vs the server alone", "sled", ("server-only",), "system_tok_s"),
+    *(
+        (f"pipelining at {rtt} ms round trip", f"sled-pipelined-rtt{rtt}", (f"sled-rtt{rtt}",), metric)
+        for rtt in (20, 100)
+        for metric in ("tbt_ms_p50", "system_tok_s")
+    ),
+    ("two servers vs one", "sled-2servers", ("sled",), "system_tok_s"),
+)
+
+
+def comparisons(results: dict[str, ModeReport]) -> list[Comparison]:
+    """Every comparison of COMPARISONS whose modes ran, at every N they share."""
+    found = []
+    for topic, name, baselines, metric in COMPARISONS:
+        mode = results.get(name)
+        if mode is None:
+            continue
+        lower_is_better = metric == "tbt_ms_p50"
+        for point in mode.points:
+            value = getattr(point, metric)
+            candidates = [
+                (getattr(base_point, metric), base)
+                for base in baselines
+                if base in results and (base_point := results[base].at(point.boards)) is not None
+                and getattr(base_point, metric) is not None
+            ]
+            if value is None or not candidates:
+                continue
+            best_value, best = (min if lower_is_better else max)(candidates)
+            gain = (best_value / value if lower_is_better else value / best_value) if value and best_value else 0.0
+            found.append(Comparison(
+                topic=topic, boards=point.boards, metric=metric, mode=name, value=value,
+                baseline=best, baseline_value=best_value, gain=gain,
+            ))
+    return found
 
 
 def sled_capacity_ratio(results: dict[str, ModeReport]) -> tuple[float | None, str]:
@@ -282,10 +357,11 @@ def summary_lines(report: BenchReport) -> list[str]:
         for m in report.modes.values() if m.capacity is not None
     )
     check = report.lossless_check
+    by_boards = ", ".join(f"N={n}: {r:.2f}" for n, r in sorted(report.throughput_ratios.items()))
     return [
         (
             f"throughput_ratio (sled / server-only, system tok/s at N={report.throughput_boards}): "
-            f"{_f(report.throughput_ratio, '.2f')}"
+            f"{_f(report.throughput_ratio, '.2f')}" + (f" (at every N: {by_boards})" if by_boards else "")
         ),
         f"capacity at >= {report.target_rate:.2f} tok/s per session ({report.target_rate_rule}): {capacities}",
         f"capacity_ratio: {_f(report.capacity_ratio, '.2f')} ({report.capacity_ratio_bound})",
@@ -298,6 +374,23 @@ def summary_lines(report: BenchReport) -> list[str]:
         f" (draft step here {report.draft_step_ms:.2f} ms"
         + (f", emulated {report.emulated_step_ms:.2f} ms)" if report.emulated_step_ms else ")"),
     ]
+
+
+def comparison_table(report: BenchReport):  # -> rich.table.Table | None
+    if not report.comparisons:
+        return None
+    from rich.table import Table
+
+    table = Table(title="comparisons (gain > 1: the mode did better than the best baseline)")
+    for column in ("comparison", "N", "figure", "mode", "baseline", "gain"):
+        table.add_column(column, justify="left" if column in ("comparison", "figure") else "right")
+    for c in report.comparisons:
+        unit = "tok/s" if c.metric == "system_tok_s" else "ms TBT p50"
+        table.add_row(
+            c.topic, str(c.boards), unit, f"{c.mode} {c.value:.2f}", f"{c.baseline} {c.baseline_value:.2f}",
+            f"{c.gain:.2f}",
+        )
+    return table
 
 
 def _f(value: float | None, spec: str) -> str:
@@ -331,7 +424,8 @@ def write_plot(report: BenchReport, path: Path) -> None:
     session.axhline(report.target_rate, linestyle="--", color="tab:red", label="capacity target")
     for axes, title in ((system, "system committed tokens/s"), (session, "per-session tokens/s")):
         axes.set_xscale("log", base=2)
-        axes.set_xticks(report.config.boards, [str(n) for n in report.config.boards])
+        ticks = sorted({p.boards for m in report.modes.values() if m.kind == "fleet" for p in m.points})
+        axes.set_xticks(ticks, [str(n) for n in ticks])
         axes.set_xlabel("boards (concurrent sessions)")
         axes.set_title(title)
         axes.grid(True, alpha=0.3)

@@ -140,7 +140,8 @@ class ResponseStats(_Message):
     elapsed_s: float
     bytes_out: int = 0
     bytes_in: int = 0
-    round_trip_ms: float = 0.0
+    round_trip_ms: float = 0.0  # mean over the round trips: drafts sent that got a verdict
+    round_trips: int = 0
 
 
 class GenerationResponse(_Message):
