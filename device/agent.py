@@ -106,6 +106,7 @@ class BoardAgent:
         self.metrics = metrics or DeviceMetrics()
         self.metrics.track_active(lambda: self._active)
         self._committed_total = 0
+        self.last_next_k: int | None = None  # the k the last verdict suggested to this board
         self._started = time.monotonic()
         self._stopping = threading.Event()
         self.pool = ThreadPoolExecutor(
@@ -290,7 +291,9 @@ class Generation:
         self.bytes_out = self.bytes_in = 0
         self.round_trip_s = 0.0
         self.round_trips = 0
-        self.next_k: int | None = None
+        # A new session's first draft follows the servers' latest suggestion to this board:
+        # under heavy load (k = 0) it opens without drafting instead of with k_max tokens.
+        self.next_k: int | None = agent.last_next_k
         self.draft_ms = 0.0
 
     def run(self) -> None:
@@ -501,7 +504,7 @@ class Generation:
         self.agent.metrics.record_verdict(
             drafted, verdict.accepted, len(verdict.tokens), drafted - batch.fresh if batch is not None else 0
         )
-        self.next_k = verdict.next_k
+        self.next_k = self.agent.last_next_k = verdict.next_k
         self.generated.extend(verdict.tokens)
         with self.agent._lock:
             self.agent._committed_total += len(verdict.tokens)

@@ -77,15 +77,7 @@ class LocalFleet:
     metrics_servers: dict[str, MetricsServer] = field(init=False, default_factory=dict)
 
     def __enter__(self) -> Self:
-        self.broker = prepare_local_broker(
-            self.workdir / "broker",
-            devices=self.devices,
-            servers=self.servers,
-            apps=[APP_ID],
-            observers=[OBSERVER_ID],
-            tls=self.tls,
-        )
-        self.broker.process.start()
+        self.broker = self._start_broker()
         try:
             if self.board_rtt_ms > 0:
                 from fleet.bench.link import DelayedLink
@@ -97,6 +89,20 @@ class LocalFleet:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _start_broker(self) -> LocalBroker:
+        """The broker servers, the app and the observer use (a topology with more brokers
+        overrides this and `settings`)."""
+        broker = prepare_local_broker(
+            self.workdir / "broker",
+            devices=self.devices,
+            servers=self.servers,
+            apps=[APP_ID],
+            observers=[OBSERVER_ID],
+            tls=self.tls,
+        )
+        broker.process.start()
+        return broker
 
     def settings(self, identity: str, **sections: object) -> Settings:
         return Settings(

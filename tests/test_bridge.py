@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self
 
 import pytest
 import structlog
@@ -24,6 +23,7 @@ from broker.bridge import (
     prepare_bridged_brokers,
 )
 from broker.config import BrokerIdentity, BrokerSpec
+from broker.process import LocalBroker
 from fleet.config import DeviceSettings, ServerSettings, Settings
 from fleet.local import APP_ID, OBSERVER_ID, FleetModels, LocalFleet
 from fleet.mqtt import PublishDenied
@@ -43,7 +43,9 @@ class BridgedFleet(LocalFleet):
 
     brokers: BridgedBrokers = field(init=False)
 
-    def __enter__(self) -> Self:
+    def _start_broker(self) -> LocalBroker:
+        """Both brokers, bridged; the components then wait until every board's status has
+        reached the central broker."""
         self.brokers = prepare_bridged_brokers(
             self.workdir / "brokers",
             devices=self.devices,
@@ -52,13 +54,7 @@ class BridgedFleet(LocalFleet):
             observers=[OBSERVER_ID],
             tls=self.tls,
         ).__enter__()
-        self.broker = self.brokers.central
-        try:
-            self._start_components()  # waits until every board's status reached the central broker
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
+        return self.brokers.central
 
     def settings(self, identity: str, **sections: object) -> Settings:
         broker = self.brokers.site if identity in self.devices else self.brokers.central

@@ -74,6 +74,8 @@ class DelayedLink:
                 self._carry(client_reader, upstream_writer),
                 self._carry(upstream_reader, client_writer),
             )
+        except asyncio.CancelledError:
+            pass  # the link is shutting down; asyncio's server logs a cancelled handler as an error
         finally:
             client_writer.close()
             upstream_writer.close()
