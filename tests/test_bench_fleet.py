@@ -60,9 +60,11 @@ def test_report_has_every_mode_and_point(report: BenchReport) -> None:
             assert point.mqtt_bytes_per_verification > 0
             assert point.rss_growth_mb is not None
     for point in report.modes["sled"].points:
-        assert 0 < point.acceptance_rate < 1  # the tiny draft is a perturbed target: some of both
-        assert point.mean_accepted > 0 and point.round_trip_ms > 0
-        assert point.batch_tokens_mean > point.batch_sessions_mean  # drafts are verified
+        # The tiny target verifies in milliseconds, so adaptive k may rightly hand every
+        # session to the server (k = 0, no drafts); drafting figures are checked on the
+        # fixed-k modes (test_comparison_modes_run_and_are_compared).
+        assert point.acceptance_rate is None or 0 < point.acceptance_rate < 1
+        assert point.batch_tokens_mean >= point.batch_sessions_mean
     for point in report.modes["server-only"].points:
         assert point.acceptance_rate is None and point.round_trip_ms is None
         assert point.batch_tokens_mean == point.batch_sessions_mean  # one token per session a step
@@ -258,6 +260,11 @@ def test_comparison_modes_run_and_are_compared(beyond: BenchReport) -> None:
         "adaptive k vs the best fixed k", "adaptive k vs threshold only", "speculation vs the server alone",
         "pipelining at 100 ms round trip", "two servers vs one",
     }
+    for name in ("sled-threshold", "sled-k2", "sled-k4"):
+        point = beyond.modes[name].at(2)
+        assert 0 < point.acceptance_rate < 1  # the tiny draft is a perturbed target: some of both
+        assert point.mean_accepted > 0 and point.round_trip_ms > 0
+        assert point.batch_tokens_mean > point.batch_sessions_mean  # drafts are verified
     best_fixed = next(c for c in beyond.comparisons if c.topic == "adaptive k vs the best fixed k")
     fixed = {name: beyond.modes[name].at(2).system_tok_s for name in ("sled-k2", "sled-k4")}
     assert best_fixed.baseline == max(fixed, key=fixed.get)
