@@ -93,16 +93,13 @@ class LocalFleet:
     def _start_broker(self) -> LocalBroker:
         """The broker servers, the app and the observer use (a topology with more brokers
         overrides this and `settings`)."""
-        broker = prepare_local_broker(
-            self.workdir / "broker",
-            devices=self.devices,
-            servers=self.servers,
-            apps=[APP_ID],
-            observers=[OBSERVER_ID],
-            tls=self.tls,
-        )
+        broker = prepare_local_broker(self.workdir / "broker", tls=self.tls, **self.identities())
         broker.process.start()
         return broker
+
+    def identities(self) -> dict[str, list[str]]:
+        """Everyone the broker(s) must let in, by role."""
+        return {"devices": self.devices, "servers": self.servers, "apps": [APP_ID], "observers": [OBSERVER_ID]}
 
     def settings(self, identity: str, **sections: object) -> Settings:
         return Settings(

@@ -47,12 +47,7 @@ class BridgedFleet(LocalFleet):
         """Both brokers, bridged; the components then wait until every board's status has
         reached the central broker."""
         self.brokers = prepare_bridged_brokers(
-            self.workdir / "brokers",
-            devices=self.devices,
-            servers=self.servers,
-            apps=[APP_ID],
-            observers=[OBSERVER_ID],
-            tls=self.tls,
+            self.workdir / "brokers", tls=self.tls, **self.identities()
         ).__enter__()
         return self.brokers.central
 
