@@ -106,7 +106,10 @@ class BoardAgent:
         self.metrics = metrics or DeviceMetrics()
         self.metrics.track_active(lambda: self._active)
         self._committed_total = 0
-        self.last_next_k: int | None = None  # the k the last verdict suggested to this board
+        # The k the last verdict suggested to this board. Until a server has suggested one, a
+        # session opens without a draft: k_max drafted blind is what an overloaded server can
+        # least afford, and the opening verdict already carries the server's k.
+        self.last_next_k: int | None = 0
         self._started = time.monotonic()
         self._stopping = threading.Event()
         self.pool = ThreadPoolExecutor(
@@ -291,8 +294,7 @@ class Generation:
         self.bytes_out = self.bytes_in = 0
         self.round_trip_s = 0.0
         self.round_trips = 0
-        # A new session's first draft follows the servers' latest suggestion to this board:
-        # under heavy load (k = 0) it opens without drafting instead of with k_max tokens.
+        # A new session's first draft follows the servers' latest suggestion to this board.
         self.next_k: int | None = agent.last_next_k
         self.draft_ms = 0.0
 

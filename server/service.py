@@ -371,7 +371,7 @@ class VerificationService:
                 continue
             drafted = len(message.tokens)
             rtt = round_trip_s(route.verdict_sent_at, route.draft_received_at, drafted, message.draft_ms)
-            self.speculation.observe_verdict(route.key, drafted, verdict.accepted, message.draft_ms, rtt)
+            self.speculation.observe_verdict(route.key, route.device, drafted, verdict.accepted, message.draft_ms, rtt)
 
     def _publish_verdict(self, route: Route, message: DraftMessage, verdict: Verdict) -> None:
         next_k = None if route.server_decodes else self.speculation.next_k(route.key, len(self.routes))

@@ -41,6 +41,11 @@ PRIOR_ALPHA_WEIGHT = 2.0
 # A position's own acceptance counts as much as this many observations of the overall rate
 # before it outweighs it (positions far out are reached rarely).
 POSITION_SHRINKAGE = 4.0
+# A new session starts from what its board's earlier sessions showed (the fleet's, for a board
+# not seen yet), worth at most this many judged draft tokens: enough to choose a sensible first
+# k (a request of a few tens of tokens has only a few rounds to learn in), little enough that
+# the session's own rounds take over within a few.
+SEED_TOKENS = 8.0
 # Weight of the newest draft-time and round-trip measurement in their moving averages.
 TIME_EWMA = 0.3
 # Until measured: a board step of 20 ms (a Pi-class board) and a 10 ms round trip (one LAN).
@@ -233,10 +238,29 @@ class SessionEstimator:
         self.accepted = np.zeros(positions)  # ... and accepted it
         self.draft_step_s: float | None = None
         self.round_trip_s: float | None = None
-        self.k = positions  # the last suggestion, which the next draft answers
         self.fill = 1.0
 
-    def observe(self, drafted: int, accepted: int, draft_ms: float, rtt_s: float | None) -> None:
+    def seeded(self) -> "SessionEstimator":
+        """A new estimator that starts from this one's estimates, its acceptance evidence
+        scaled down to at most `SEED_TOKENS` judged tokens."""
+        seed = SessionEstimator(self.reached.size, self.decay)
+        evidence = float(self.reached.sum())
+        scale = min(1.0, SEED_TOKENS / evidence) if evidence > 0 else 0.0
+        seed.reached, seed.accepted = self.reached * scale, self.accepted * scale
+        seed.draft_step_s, seed.round_trip_s = self.draft_step_s, self.round_trip_s
+        seed.fill = self.fill
+        return seed
+
+    def observe(
+        self,
+        drafted: int,
+        accepted: int,
+        draft_ms: float,
+        rtt_s: float | None,
+        suggested: int | None = None,
+    ) -> None:
+        """One round: `drafted` tokens answering a suggestion of `suggested` (None for an
+        opening draft, which answers no suggestion of this session's)."""
         if not 0 <= accepted <= drafted:
             raise ValueError(f"accepted {accepted} of {drafted} drafted tokens")
         # Decay also when nothing was drafted: a session held at k = 0 drifts back towards the
@@ -246,8 +270,8 @@ class SessionEstimator:
         verified = min(drafted, accepted + 1, self.reached.size)
         self.reached[:verified] += 1
         self.accepted[: min(accepted, verified)] += 1
-        if self.k > 0:
-            self.fill = _ewma(self.fill, min(1.0, drafted / self.k))
+        if suggested:
+            self.fill = _ewma(self.fill, min(1.0, drafted / suggested))
         if drafted and draft_ms > 0:
             self.draft_step_s = _ewma(self.draft_step_s, draft_ms / 1000)
         if rtt_s is not None:
@@ -419,7 +443,10 @@ class SpeculationPolicy:
 
     The plan is made at the first `next_k` after a batch was observed, from every session's
     latest estimates, so the service should report all verdicts of a batch before asking for
-    the first k (see docs/speculation.md for the wiring)."""
+    the first k (see docs/speculation.md for the wiring). Every verdict also feeds an estimator
+    per board and one for the whole fleet: a new session starts from its board's (a board
+    not seen yet from the fleet's), so that its very first verdict already suggests a k fitted
+    to the board's pace and the pair's acceptance, not to a generic prior."""
 
     def __init__(
         self, k_max: int, prior_load: LoadModel = PRIOR_LOAD, decay: float = DEFAULT_DECAY
@@ -432,6 +459,9 @@ class SpeculationPolicy:
         self.decay = decay
         self.load = LoadEstimator(prior_load)
         self._sessions: dict[str, SessionEstimator] = {}
+        self._boards: dict[str, SessionEstimator] = {}
+        self._fleet = SessionEstimator(k_max, decay)
+        self._suggested: dict[str, int] = {}  # the last k each session was told
         self._plan: dict[str, int] = {}
         self._planned_for = 0  # the pending_sessions the plan was made for
 
@@ -441,15 +471,34 @@ class SpeculationPolicy:
         self._plan = {}
 
     def observe_verdict(
-        self, session_key: str, drafted: int, accepted: int, draft_ms: float, rtt_s: float | None
+        self,
+        session_key: str,
+        board: str,
+        drafted: int,
+        accepted: int,
+        draft_ms: float,
+        rtt_s: float | None,
     ) -> None:
-        self._session(session_key).observe(drafted, accepted, draft_ms, rtt_s)
+        """One verdict of the session `session_key`, which `board` drafts."""
+        history = self._boards.get(board)
+        if history is None:
+            history = self._boards[board] = self._fleet.seeded()
+        if session_key not in self._sessions:
+            self._sessions[session_key] = history.seeded()
+        suggested = self._suggested.get(session_key)
+        for estimator in (self._sessions[session_key], history, self._fleet):
+            estimator.observe(drafted, accepted, draft_ms, rtt_s, suggested)
 
     def next_k(self, session_key: str, pending_sessions: int) -> int:
         """The k to suggest in this session's verdict. `pending_sessions` is the number of
         sessions expected in the next batch (the server's open sessions, this one included);
         those the policy has no estimates for count as plain decoding."""
-        session = self._session(session_key)
+        k = self._suggest(session_key, pending_sessions)
+        self._suggested[session_key] = k
+        return k
+
+    def _suggest(self, session_key: str, pending_sessions: int) -> int:
+        self._session(session_key)
         if session_key not in self._plan or pending_sessions != self._planned_for:
             keys = list(self._sessions)
             estimates = [self._sessions[key].estimate() for key in keys]
@@ -459,12 +508,13 @@ class SpeculationPolicy:
             ks = plan_batch(estimates, self.load.model(), self.k_max, plain, typical)
             self._plan = dict(zip(keys, ks, strict=True))
             self._planned_for = pending_sessions
-        session.k = self._plan[session_key]
-        return session.k
+        return self._plan[session_key]
 
     def forget(self, session_key: str) -> None:
+        """The session ended; its board's and the fleet's estimators keep what it showed."""
         self._sessions.pop(session_key, None)
         self._plan.pop(session_key, None)
+        self._suggested.pop(session_key, None)
 
     def alpha(self, session_key: str) -> float | None:
         """The session's estimated acceptance rate (for logs and status); None if unknown."""
@@ -474,7 +524,7 @@ class SpeculationPolicy:
     def _session(self, session_key: str) -> SessionEstimator:
         session = self._sessions.get(session_key)
         if session is None:
-            session = self._sessions[session_key] = SessionEstimator(self.k_max, self.decay)
+            session = self._sessions[session_key] = self._fleet.seeded()
         return session
 
 
@@ -482,8 +532,7 @@ class FixedSpeculation(SpeculationPolicy):
     """Always k_max (the boards' threshold still stops early): the comparison baseline. It
     keeps the estimates all the same, so logs and benchmarks show the same figures."""
 
-    def next_k(self, session_key: str, pending_sessions: int) -> int:
-        self._session(session_key).k = self.k_max
+    def _suggest(self, session_key: str, pending_sessions: int) -> int:
         return self.k_max
 
 
@@ -491,8 +540,7 @@ class NoSpeculation(SpeculationPolicy):
     """Always 0: the server decodes every session itself, boards draft nothing (an operator's
     switch for a fleet whose boards are too slow or whose server is saturated)."""
 
-    def next_k(self, session_key: str, pending_sessions: int) -> int:
-        self._session(session_key).k = 0
+    def _suggest(self, session_key: str, pending_sessions: int) -> int:
         return 0
 
 

@@ -310,7 +310,7 @@ def _settle(
         policy.observe_batch(tokens, float(cost.seconds(tokens)))
         for key in keys:
             accepted = _geometric_round(rng, alpha, ks[key])
-            policy.observe_verdict(key, ks[key], accepted, draft_ms=1000 * draft_step_s, rtt_s=0.01)
+            policy.observe_verdict(key, key.split("/")[0], ks[key], accepted, draft_ms=1000 * draft_step_s, rtt_s=0.01)
         for key in keys:
             ks[key] = policy.next_k(key, n)
     return np.array(list(ks.values()))
@@ -349,10 +349,10 @@ def test_session_held_at_zero_drafts_again_when_load_goes() -> None:
     policy = SpeculationPolicy(K_MAX, prior_load=CPU)
     for tokens in range(1, 200, 3):
         policy.observe_batch(tokens, float(CPU.seconds(tokens)))
-    policy.observe_verdict("b/s", 5, 3, draft_ms=20.0, rtt_s=0.01)
+    policy.observe_verdict("b/s", "b", 5, 3, draft_ms=20.0, rtt_s=0.01)
     assert policy.next_k("b/s", pending_sessions=64) == 0
     for _ in range(30):  # rounds at k = 0: no evidence, the estimate drifts to the prior
-        policy.observe_verdict("b/s", 0, 0, draft_ms=0.0, rtt_s=0.01)
+        policy.observe_verdict("b/s", "b", 0, 0, draft_ms=0.0, rtt_s=0.01)
         policy.next_k("b/s", pending_sessions=64)
     assert policy.next_k("b/s", pending_sessions=1) >= 2
 
@@ -360,7 +360,7 @@ def test_session_held_at_zero_drafts_again_when_load_goes() -> None:
 def test_forget_removes_a_session_from_the_others_load() -> None:
     policy = SpeculationPolicy(K_MAX, prior_load=CPU)
     for i in range(40):
-        policy.observe_verdict(f"b{i}/s", 4, 2, draft_ms=20.0, rtt_s=0.01)
+        policy.observe_verdict(f"b{i}/s", f"b{i}", 4, 2, draft_ms=20.0, rtt_s=0.01)
         policy.next_k(f"b{i}/s", pending_sessions=40)
     crowded = policy.next_k("b0/s", pending_sessions=40)
     for i in range(1, 40):
@@ -369,10 +369,54 @@ def test_forget_removes_a_session_from_the_others_load() -> None:
     assert policy.next_k("b0/s", pending_sessions=1) > crowded
 
 
+def _history(policy: SpeculationPolicy, board: str, draft_ms: float, accepted_of_6: int) -> None:
+    """Five finished sessions of `board`, each of 4 rounds drafting 6 tokens."""
+    for n in range(5):
+        key = f"{board}/old{n}"
+        for _ in range(4):
+            policy.observe_verdict(key, board, 6, accepted_of_6, draft_ms=draft_ms, rtt_s=0.01)
+            policy.next_k(key, pending_sessions=1)
+        policy.forget(key)
+
+
+def test_new_session_starts_from_its_boards_history() -> None:
+    """A session's first verdict (its opening draft empty, so it has shown nothing yet)
+    suggests a k fitted to its board: a slow board's session drafts less than a fast one's,
+    and a board whose drafts are rarely accepted drafts less than one whose drafts mostly are."""
+    policy = SpeculationPolicy(K_MAX, prior_load=GPU)
+    for tokens in range(1, 200, 3):
+        policy.observe_batch(tokens, float(GPU.seconds(tokens)))
+    _history(policy, "fast", draft_ms=2.0, accepted_of_6=6)
+    _history(policy, "slow", draft_ms=200.0, accepted_of_6=6)
+    _history(policy, "poor", draft_ms=2.0, accepted_of_6=0)
+    first_k = {}
+    for board in ("fast", "slow", "poor"):
+        policy.observe_verdict(f"{board}/new", board, 0, 0, draft_ms=0.0, rtt_s=None)
+        first_k[board] = policy.next_k(f"{board}/new", pending_sessions=1)
+        policy.forget(f"{board}/new")
+    assert first_k["fast"] == K_MAX and first_k["slow"] < K_MAX // 2, first_k
+    assert first_k["poor"] < first_k["fast"], first_k
+    # A board not seen yet starts from the whole fleet's history, not from the generic prior.
+    fresh = SpeculationPolicy(K_MAX, prior_load=GPU)
+    fresh.observe_verdict("new/s", "new", 0, 0, draft_ms=0.0, rtt_s=None)
+    policy.observe_verdict("new/s", "new", 0, 0, draft_ms=0.0, rtt_s=None)
+    assert policy.alpha("new/s") != fresh.alpha("new/s")
+
+
+def test_a_session_soon_outweighs_its_boards_history() -> None:
+    policy = SpeculationPolicy(K_MAX, prior_load=GPU)
+    _history(policy, "b", draft_ms=2.0, accepted_of_6=6)
+    policy.observe_verdict("b/s", "b", 0, 0, draft_ms=0.0, rtt_s=None)
+    assert policy.alpha("b/s") > 0.8
+    for _ in range(8):  # each round with nothing accepted judges only its first token
+        policy.observe_verdict("b/s", "b", 6, 0, draft_ms=2.0, rtt_s=0.01)
+    assert policy.alpha("b/s") < 0.5
+
+
 def test_fixed_policy_always_suggests_k_max_and_still_estimates() -> None:
     policy = make_policy("fixed", 6)
     assert isinstance(policy, FixedSpeculation)
-    policy.observe_verdict("b/s", 6, 0, draft_ms=5.0, rtt_s=None)
+    policy.observe_verdict("b/s", "b", 6, 0, draft_ms=5.0, rtt_s=None)
     assert policy.next_k("b/s", pending_sessions=500) == 6
     assert policy.alpha("b/s") is not None and policy.alpha("b/s") < 0.6
 
