@@ -38,6 +38,11 @@ STATUS_PERIOD_S = 5.0
 # hostile board, a burst of resyncs after a fault) beyond this is dropped and logged rather
 # than held in memory: the boards concerned time out and resync.
 INBOX_LIMIT = 1024
+# Holding a batch for drafts due soon (see `_due_by`): at most this share of the median pass
+# over the last HOLD_PASSES passes; a due draft may be this much later than estimated.
+HOLD_SHARE = 0.5
+HOLD_PASSES = 8
+HOLD_SLACK = 0.1
 
 
 @dataclass
@@ -193,26 +198,59 @@ class VerificationService:
     # --- scheduler thread -------------------------------------------------------------------
     def _collect(self, block: bool) -> list[Inbound]:
         """Block briefly for the first message (unless sessions decoded by the server are
-        waiting), then take whatever else is pending; while the batch is smaller than the
-        sessions that might send, wait up to the window for more."""
+        waiting), then take whatever else is pending; while drafting sessions are missing,
+        wait up to the window for more, and longer for drafts due soon (`_due_by`)."""
         try:
             batch = [self.inbox.get(timeout=0.2) if block else self.inbox.get_nowait()]
         except queue.Empty:
             return []
-        deadline = time.monotonic() + self.settings.server.batch_window_ms / 1000
+        window_ends = time.monotonic() + self.settings.server.batch_window_ms / 1000
         while True:
             try:
                 batch.append(self.inbox.get_nowait())
                 continue
             except queue.Empty:
                 pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or len(batch) >= max(1, len(self.routes)):
+            drafting = sum(1 for route in self.routes.values() if not route.decoded_here)
+            if len(batch) >= max(1, drafting):
+                return batch
+            remaining = max(window_ends, self._due_by(batch)) - time.monotonic()
+            if remaining <= 0:
                 return batch
             try:
                 batch.append(self.inbox.get(timeout=remaining))
             except queue.Empty:
                 return batch
+
+    def _due_by(self, batch: list[Inbound]) -> float:
+        """When the last draft due within half a forward pass should arrive (0 if none).
+
+        A draft that misses a pass by a little waits for the whole pass to end and then needs
+        a pass of its own; holding the pass for it costs the sessions already in the batch
+        only the wait. While passes cost about the same whatever their size (memory-bound),
+        one pass for all is worth a hold of up to half a pass: the sessions then stay in one
+        cohort, round after round, instead of splitting into groups that alternate passes.
+        A draft later than expected by more than the window's slack is not waited for."""
+        recent = [record[2] for record in list(self.stats.batches)[-HOLD_PASSES:]]
+        if not recent:
+            return 0.0
+        now = time.monotonic()
+        limit = now + HOLD_SHARE * sorted(recent)[len(recent) // 2]
+        slack = self.settings.server.batch_window_ms / 1000
+        arrived = {item.topic for item in batch}
+        due = 0.0
+        for route in self.routes.values():
+            if route.decoded_here or route.verdict_sent_at is None:
+                continue
+            if self.topics.draft(route.device, route.session) in arrived:
+                continue
+            expected_in = self.speculation.draft_due_s(route.key)
+            if expected_in is None:
+                continue
+            expected = route.verdict_sent_at + expected_in * (1 + HOLD_SLACK) + slack
+            if now < expected <= limit:
+                due = max(due, expected)
+        return due
 
     def _admit_all(self, batch: list[Inbound]) -> list[tuple[Route, DraftMessage]]:
         proposals: list[tuple[Route, DraftMessage]] = []

@@ -510,6 +510,16 @@ class SpeculationPolicy:
             self._planned_for = pending_sessions
         return self._plan[session_key]
 
+    def draft_due_s(self, session_key: str) -> float | None:
+        """Seconds from this session's last verdict to its next draft reaching the server, as
+        estimated (the board drafts `fill` of the suggested k at its step time, plus the round
+        trip); None when it is not expected to draft (suggested 0) or nothing is known."""
+        session, k = self._sessions.get(session_key), self._suggested.get(session_key)
+        if session is None or not k:
+            return None
+        estimate = session.estimate()
+        return estimate.fill * k * estimate.draft_step_s + estimate.round_trip_s
+
     def forget(self, session_key: str) -> None:
         """The session ended; its board's and the fleet's estimators keep what it showed."""
         self._sessions.pop(session_key, None)

@@ -242,7 +242,9 @@ def _geometric_round(rng: np.random.Generator, alpha: float, k: int) -> int:
     return accepted
 
 
-@settings(max_examples=20, deadline=None)
+# Derandomized: a statistical check at these tolerances fails on about one random case in
+# a few hundred (a 3-sigma run of luck), which would make CI flaky without finding a bug.
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(alpha=st.floats(0.05, 0.95), seed=st.integers(0, 2**32 - 1))
 def test_acceptance_estimate_converges(alpha: float, seed: int) -> None:
     """With a long memory the estimate settles on the true rate."""
