@@ -297,6 +297,7 @@ class Generation:
         # A new session's first draft follows the servers' latest suggestion to this board.
         self.next_k: int | None = agent.last_next_k
         self.draft_ms = 0.0
+        self.catch_up_ms = 0.0
 
     def run(self) -> None:
         started = time.monotonic()
@@ -426,6 +427,7 @@ class Generation:
             tokens=list(batch.tokens),
             q=list(batch.q) if batch.q is not None else None,
             draft_ms=self.draft_ms,
+            catch_up_ms=self.catch_up_ms,
         )
 
     def _exchange(self, live: LiveSession, seq: int, message: DraftMessage) -> VerdictMessage:
@@ -455,7 +457,13 @@ class Generation:
     def _draft(self) -> DraftBatch:
         """Draft, then, when emulating a board slower than this machine, wait out the rest of
         the emulated step time so the server sees the board's real pace. Tokens drafted
-        ahead (pipelining) were paced while they were drafted."""
+        ahead (pipelining) were paced while they were drafted. Catching the draft cache up
+        (a new session's context, tokens the server decoded alone) comes first and is not
+        timed: `draft_ms` tells the server the cost of a drafted token, not of a one-off."""
+        started = time.perf_counter()
+        if self.next_k != 0:
+            self.drafter.catch_up()
+        self.catch_up_ms = 1000 * (time.perf_counter() - started)
         started = time.perf_counter()
         batch = self.drafter.draft(self.next_k, self.params, self.rng)
         time.sleep(self._emulated_left(started, batch.fresh))

@@ -93,12 +93,25 @@ class Drafter:
         return tuple(p.token for p in self._ahead)
 
     def start(self, context: Sequence[int]) -> None:
-        """Take `context` (the prompt, or prompt + committed tokens on a resync) as committed."""
-        self._next_logits = self.runner.prefill(context)
+        """Take `context` (the prompt, or prompt + committed tokens on a resync) as committed.
+
+        It reaches the cache only when the board first drafts (`catch_up`): a session that
+        opens without a draft and that the server then decodes alone costs the board nothing."""
+        if not context:
+            raise ValueError("a session starts from at least one token")
+        self.runner.reset()
+        self._next_logits = None
         self._committed = len(context)
         self._pending = None
         self._ahead, self._carried, self._ahead_done = [], [], False
-        self._unfed = []
+        self._unfed = list(context)
+
+    def catch_up(self) -> None:
+        """Feed the cache, in one pass, what it lacks: a new session's context, or tokens the
+        server committed alone. `draft` does it when needed; a board calls it first so that
+        this one-off cost is not taken for the time of drafting."""
+        if self._pending is None and self._unfed:
+            self._reset_to_committed()
 
     def draft(
         self, k_suggested: int | None, params: SamplingParams, rng: np.random.Generator
@@ -107,14 +120,17 @@ class Drafter:
         carried from drafting ahead come first, cut by the same rules."""
         if self._pending is not None:
             raise RuntimeError("the previous draft has no verdict yet: commit() it first")
-        if self._unfed:
-            self._reset_to_committed()
-        if self._next_logits is None and not self._carried:
-            raise RuntimeError("start() the drafter with a context first")
         k = self.k_max if k_suggested is None else min(self.k_max, max(k_suggested, 0))
         k = min(
             k, self.runner.manifest.max_context - self._committed - 1
         )  # room for the target's token
+        if self._unfed:
+            if k == 0:  # nothing to draft: the cache may stay behind
+                self._pending, self._ahead, self._ahead_done = (), [], True
+                return DraftBatch.of([], params.greedy, fresh=0)
+            self._reset_to_committed()
+        if self._next_logits is None and not self._carried:
+            raise RuntimeError("start() the drafter with a context first")
         proposals = self._take_carried(k)
         carried = len(proposals)
         if proposals and len(proposals) < k and proposals[-1].token not in self._eos:
@@ -208,6 +224,9 @@ class Drafter:
         kept = self._committed + accepted
         pending, ahead = self._pending, self._ahead
         self._pending, self._ahead = None, []
+        if self._unfed:  # an empty draft on a cache still behind: one more token to catch up
+            self.follow([target_token])
+            return
         if accepted == len(pending) and len(ahead) > 1 and ahead[0].token == target_token:
             self._committed = kept + 1
             self._carried = ahead[1:]

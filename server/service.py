@@ -408,7 +408,9 @@ class VerificationService:
             if route.decoded_here:  # no draft, no round trip: nothing to learn about the board
                 continue
             drafted = len(message.tokens)
-            rtt = round_trip_s(route.verdict_sent_at, route.draft_received_at, drafted, message.draft_ms)
+            rtt = round_trip_s(
+                route.verdict_sent_at, route.draft_received_at, drafted, message.draft_ms, message.catch_up_ms
+            )
             self.speculation.observe_verdict(route.key, route.device, drafted, verdict.accepted, message.draft_ms, rtt)
 
     def _publish_verdict(self, route: Route, message: DraftMessage, verdict: Verdict) -> None:

@@ -427,14 +427,21 @@ def _prefer_hand_off(batch: _Batch, ks: np.ndarray) -> np.ndarray:
 
 
 def round_trip_s(
-    verdict_sent_at: float | None, draft_received_at: float, drafted: int, draft_ms: float
+    verdict_sent_at: float | None,
+    draft_received_at: float,
+    drafted: int,
+    draft_ms: float,
+    catch_up_ms: float = 0.0,
 ) -> float | None:
     """Time the board's round took beyond drafting, as the server sees it: from publishing a
-    verdict to receiving the next draft, minus the drafting the board reports. None before the
-    session's first verdict."""
+    verdict to receiving the next draft, minus the drafting the board reports and the one-off
+    catching up of its draft cache (a new session's context: counted, it would pass for a slow
+    link and hand the session to the server for good). None before the session's first
+    verdict."""
     if verdict_sent_at is None:
         return None
-    return max(0.0, draft_received_at - verdict_sent_at - drafted * draft_ms / 1000)
+    board_s = (drafted * draft_ms + catch_up_ms) / 1000
+    return max(0.0, draft_received_at - verdict_sent_at - board_s)
 
 
 # --- what the service holds ----------------------------------------------------------------------

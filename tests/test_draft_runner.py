@@ -289,3 +289,22 @@ def test_forked_runners_share_the_session_but_not_the_cache(runner, prompt):
     np.testing.assert_array_equal(twin.feed(prompt[-2:]), first)
     runner.step(int(np.argmax(first)))
     assert twin.length == len(prompt) and not np.array_equal(other, first)
+
+
+def test_a_session_that_never_drafts_never_feeds_the_draft_model(runner, prompt, torch_draft):
+    """start() and an opening without a draft leave the cache empty; the server's tokens
+    (the opening verdict's, then pushed ones) queue up, and the first real draft feeds them
+    all in one pass and drafts what a drafter fed token by token would."""
+    drafter = Drafter(runner, k_max=4, threshold=0.0, top_k=8)
+    drafter.start(prompt)
+    opening = drafter.draft(0, GREEDY, np.random.default_rng(0))
+    assert opening.tokens == () and runner.length == 0
+    server_tokens = torch_greedy_after(torch_draft, prompt, [])[:1]
+    drafter.commit(0, server_tokens[0])
+    drafter.follow([11, 12])  # the server went on alone
+    assert runner.length == 0 and drafter.committed_length == len(prompt) + 3
+    drafter.catch_up()
+    context = [*prompt, server_tokens[0], 11, 12]
+    assert runner.length == len(context)
+    batch = drafter.draft(4, GREEDY, np.random.default_rng(0))
+    assert list(batch.tokens) == torch_greedy_after(torch_draft, context, list(batch.tokens[:3]))

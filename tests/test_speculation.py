@@ -296,6 +296,8 @@ def test_round_trip_is_what_is_left_after_drafting() -> None:
     assert round_trip_s(None, 5.0, 3, 10.0) is None
     assert round_trip_s(1.0, 1.5, 4, 100.0) == pytest.approx(0.1)
     assert round_trip_s(1.0, 1.1, 4, 100.0) == 0.0  # a board's report never makes it negative
+    # A board that first fed its draft cache a new session's context says so: not the link.
+    assert round_trip_s(1.0, 2.0, 4, 100.0, catch_up_ms=500.0) == pytest.approx(0.1)
 
 
 # --- the policy over a simulated batch -----------------------------------------------------------

@@ -59,6 +59,7 @@ class DraftMessage(_Message):
     tokens: list[TokenId] = Field(default_factory=list, max_length=MAX_DRAFT_TOKENS)
     q: list[SparseDist] | None = Field(None, max_length=MAX_DRAFT_TOKENS)
     draft_ms: float = Field(0.0, ge=0.0, le=1e6)
+    catch_up_ms: float = Field(0.0, ge=0.0, le=1e6)
     server_decodes: bool = False
     close: bool = False
 
