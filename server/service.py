@@ -403,7 +403,8 @@ class VerificationService:
         """What the k policy learns from one batch. All of it is reported before the first
         verdict goes out: the plan for the next batch is made at the first next_k."""
         verified = [(r, m, v) for (r, m), v in zip(proposals, verdicts, strict=True) if v.error_code is None]
-        self.speculation.observe_batch(sum(len(m.tokens) + 1 for _, m, _ in verified), verify_s)
+        drafted = sum(len(m.tokens) for _, m, _ in verified)
+        self.speculation.observe_batch(drafted + len(verified), verify_s, drafted)
         for route, message, verdict in verified:
             if route.decoded_here:  # no draft, no round trip: nothing to learn about the board
                 continue

@@ -189,24 +189,50 @@ def _suffix(prefix: np.ndarray) -> np.ndarray:
 
 
 class LoadEstimator:
-    """The verification cost model, refitted from the service's recent batches when asked."""
+    """The verification cost model, refitted from the service's recent batches when asked.
+
+    One shape for all passes (how cost grows with tokens), and one scale for passes with
+    drafted tokens and one for passes without: drafting rounds may cost the server more than
+    their tokens say (sampling sessions' q to check, drafts to decode, and in an emulated
+    fleet the boards' drafting on the server's own cores), and handing a batch over must be
+    judged by what plain passes really cost. Each scale is the median ratio of the measured
+    time of that kind of pass to the shared fit, 1 until there is one."""
 
     def __init__(self, prior: LoadModel = PRIOR_LOAD, window: int = LOAD_WINDOW) -> None:
         self.prior = prior
-        self._samples: deque[tuple[int, float]] = deque(maxlen=window)
-        self._model: LoadModel | None = prior
+        self._samples: deque[tuple[int, float, bool]] = deque(maxlen=window)
+        self._models: tuple[LoadModel, LoadModel, LoadModel] | None = (prior, prior, prior)
 
-    def observe(self, total_tokens: int, verify_s: float) -> None:
+    def observe(self, total_tokens: int, verify_s: float, drafted: bool = False) -> None:
         if total_tokens < 1 or not verify_s > 0:
             return  # an empty batch or a clock that did not move says nothing about cost
-        self._samples.append((total_tokens, verify_s))
-        self._model = None
+        self._samples.append((total_tokens, verify_s, drafted))
+        self._models = None
 
     def model(self) -> LoadModel:
-        if self._model is None:
-            tokens, seconds = zip(*self._samples, strict=True)
-            self._model = fit_load_model(tokens, seconds, self.prior)
-        return self._model
+        """The shared fit over every pass."""
+        return self._fitted()[0]
+
+    def costs(self) -> tuple[LoadModel, LoadModel]:
+        """(passes with drafted tokens, passes without): the shared fit, scaled."""
+        _, drafting, plain = self._fitted()
+        return drafting, plain
+
+    def _fitted(self) -> tuple[LoadModel, LoadModel, LoadModel]:
+        if self._models is None:
+            tokens, seconds, drafted = (np.array(column) for column in zip(*self._samples, strict=True))
+            shared = fit_load_model(tokens, seconds, self.prior)
+            ratio = seconds / shared.seconds(tokens)
+            scaled = [
+                _scaled(shared, float(np.median(ratio[kind])) if kind.any() else 1.0)
+                for kind in (drafted, ~drafted)
+            ]
+            self._models = (shared, scaled[0], scaled[1])
+        return self._models
+
+
+def _scaled(model: LoadModel, factor: float) -> LoadModel:
+    return LoadModel(model.c0_s * factor, model.knee_tokens, model.c1_s * factor)
 
 
 # --- one session --------------------------------------------------------------------------------
@@ -316,10 +342,12 @@ class _Batch:
         k_max: int,
         plain: int,
         plain_round_trip_s: float,
+        plain_cost: LoadModel | None = None,
     ) -> None:
         if k_max < 0 or plain < 0:
             raise ValueError(f"need k_max >= 0 and plain_sessions >= 0, got {k_max}, {plain}")
         self.cost = cost
+        self.plain_cost = cost if plain_cost is None else plain_cost
         self.plain = plain
         self.plain_round_trip_s = plain_round_trip_s
         self.k_max = min([k_max, *(len(s.acceptance) for s in sessions)])
@@ -341,8 +369,9 @@ class _Batch:
     def rate(self, ks: np.ndarray, hand_off: bool = True) -> float:
         """With `hand_off`, a session at k = 0 is decoded by the server alone: its rounds
         have no drafting and no round trip, only the shared forward pass (what the service
-        does). Without, every round pays its round trip (what the ascent optimises)."""
-        verify = self.cost.seconds(self.tokens(ks))
+        does). Without, every round pays its round trip (what the ascent optimises). A batch
+        in which nothing is drafted costs `plain_cost`."""
+        verify = (self.cost if ks.any() else self.plain_cost).seconds(self.tokens(ks))
         overhead = self.round_trip_s + self.step_s * ks
         if hand_off:
             overhead = np.where(ks > 0, overhead, 0.0)
@@ -357,12 +386,16 @@ def batch_rate(
     plain_sessions: int = 0,
     plain_round_trip_s: float = PRIOR_ROUND_TRIP_S,
     hand_off: bool = True,
+    plain_cost: LoadModel | None = None,
 ) -> float:
     """Committed tokens per second of a batch whose sessions draft `ks`, all in lockstep: each
     round is drafting + round trip + one shared forward pass over every session's tokens; with
     `hand_off` (as the service runs), a session at k = 0 is decoded by the server alone, with
-    no drafting and no round trip."""
-    batch = _Batch(sessions, cost, max(ks, default=0), plain_sessions, plain_round_trip_s)
+    no drafting and no round trip. `plain_cost`, when given, is the cost of a pass in which
+    nothing is drafted."""
+    batch = _Batch(
+        sessions, cost, max(ks, default=0), plain_sessions, plain_round_trip_s, plain_cost
+    )
     return batch.rate(np.array(ks, dtype=int), hand_off)
 
 
@@ -372,6 +405,7 @@ def plan_batch(
     k_max: int,
     plain_sessions: int = 0,
     plain_round_trip_s: float = PRIOR_ROUND_TRIP_S,
+    plain_cost: LoadModel | None = None,
 ) -> list[int]:
     """Speculation lengths for the sessions of the next batch, chosen together.
 
@@ -381,9 +415,10 @@ def plan_batch(
     Choosing each session's k alone, given the others, gets stuck where one session has taken
     the cheap tokens below the knee that two would use better; handing them out one at a time
     shares them by marginal value (optimal when each session's gain is concave in k, as
-    geometric acceptance makes it).
+    geometric acceptance makes it). `cost` prices passes with drafted tokens, `plain_cost`
+    (default: the same) passes without, for the final choice of handing the batch over.
     """
-    batch = _Batch(sessions, cost, k_max, plain_sessions, plain_round_trip_s)
+    batch = _Batch(sessions, cost, k_max, plain_sessions, plain_round_trip_s, plain_cost)
     ks = np.zeros(len(sessions), dtype=int)
     others = ~np.eye(len(ks), dtype=bool)
     while len(ks):
@@ -472,9 +507,10 @@ class SpeculationPolicy:
         self._plan: dict[str, int] = {}
         self._planned_for = 0  # the pending_sessions the plan was made for
 
-    def observe_batch(self, total_tokens: int, verify_s: float) -> None:
-        """One forward pass: `total_tokens` = sum over its sessions of (drafted + 1)."""
-        self.load.observe(total_tokens, verify_s)
+    def observe_batch(self, total_tokens: int, verify_s: float, drafted: int) -> None:
+        """One forward pass: `total_tokens` = sum over its sessions of (drafted + 1), of which
+        `drafted` were drafted tokens."""
+        self.load.observe(total_tokens, verify_s, drafted > 0)
         self._plan = {}
 
     def observe_verdict(
@@ -512,7 +548,8 @@ class SpeculationPolicy:
             plain = max(0, pending_sessions - len(keys))
             # Sessions not known yet are most likely boards like the others: their round trip.
             typical = float(np.mean([e.round_trip_s for e in estimates]))
-            ks = plan_batch(estimates, self.load.model(), self.k_max, plain, typical)
+            cost, plain_cost = self.load.costs()
+            ks = plan_batch(estimates, cost, self.k_max, plain, typical, plain_cost)
             self._plan = dict(zip(keys, ks, strict=True))
             self._planned_for = pending_sessions
         return self._plan[session_key]

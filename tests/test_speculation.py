@@ -311,7 +311,7 @@ def _settle(
     ks = dict.fromkeys(keys, policy.k_max)
     for _ in range(25):
         tokens = sum(ks.values()) + n
-        policy.observe_batch(tokens, float(cost.seconds(tokens)))
+        policy.observe_batch(tokens, float(cost.seconds(tokens)), drafted=tokens - n)
         for key in keys:
             accepted = _geometric_round(rng, alpha, ks[key])
             policy.observe_verdict(key, key.split("/")[0], ks[key], accepted, draft_ms=1000 * draft_step_s, rtt_s=0.01)
@@ -352,7 +352,7 @@ def test_adaptive_never_loses_to_plain_decoding_and_matches_the_best_fixed_k(
 def test_session_held_at_zero_drafts_again_when_load_goes() -> None:
     policy = SpeculationPolicy(K_MAX, prior_load=CPU)
     for tokens in range(1, 200, 3):
-        policy.observe_batch(tokens, float(CPU.seconds(tokens)))
+        policy.observe_batch(tokens, float(CPU.seconds(tokens)), drafted=tokens)
     policy.observe_verdict("b/s", "b", 5, 3, draft_ms=20.0, rtt_s=0.01)
     assert policy.next_k("b/s", pending_sessions=64) == 0
     for _ in range(30):  # rounds at k = 0: no evidence, the estimate drifts to the prior
@@ -389,7 +389,7 @@ def test_new_session_starts_from_its_boards_history() -> None:
     and a board whose drafts are rarely accepted drafts less than one whose drafts mostly are."""
     policy = SpeculationPolicy(K_MAX, prior_load=GPU)
     for tokens in range(1, 200, 3):
-        policy.observe_batch(tokens, float(GPU.seconds(tokens)))
+        policy.observe_batch(tokens, float(GPU.seconds(tokens)), drafted=tokens)
     _history(policy, "fast", draft_ms=2.0, accepted_of_6=6)
     _history(policy, "slow", draft_ms=200.0, accepted_of_6=6)
     _history(policy, "poor", draft_ms=2.0, accepted_of_6=0)
@@ -415,6 +415,38 @@ def test_a_session_soon_outweighs_its_boards_history() -> None:
     for _ in range(8):  # each round with nothing accepted judges only its first token
         policy.observe_verdict("b/s", "b", 6, 0, draft_ms=2.0, rtt_s=0.01)
     assert policy.alpha("b/s") < 0.5
+
+
+def test_passes_with_drafts_are_priced_apart_from_plain_ones() -> None:
+    """Drafting rounds that slow the server's passes (here 1.6 times, as boards drafting on the
+    server's own cores do) are priced so; plain passes keep their own price."""
+    load = LoadEstimator()
+    for tokens in range(1, 120, 3):
+        load.observe(tokens, float(GPU.seconds(tokens)), drafted=False)
+        load.observe(tokens + 1, 1.6 * float(GPU.seconds(tokens + 1)), drafted=True)
+    drafting, plain = load.costs()
+    at = np.array([8.0, 64.0])
+    assert drafting.seconds(at) == pytest.approx(1.6 * plain.seconds(at), rel=0.05)
+    assert plain.seconds(at) == pytest.approx(GPU.seconds(at), rel=0.3)
+
+
+@pytest.mark.parametrize("drafting_slowdown", [1.0, 2.0])
+def test_policy_hands_over_when_drafting_rounds_slow_the_server(drafting_slowdown: float) -> None:
+    """8 sessions of Pi-class boards (67 ms a drafted token) on a server whose passes are flat
+    to 16 tokens (the 1.5B target in bfloat16 on this machine's 2 cores): drafting pays while
+    drafting rounds cost what their tokens say, and not once they make every pass twice as
+    slow."""
+    flat = LoadModel(c0_s=0.2, knee_tokens=16, c1_s=0.005)
+    policy = SpeculationPolicy(K_MAX, prior_load=flat)
+    for tokens in range(1, 120, 3):
+        policy.observe_batch(tokens, float(flat.seconds(tokens)), drafted=0)
+        slowed = drafting_slowdown * float(flat.seconds(tokens + 8))
+        policy.observe_batch(tokens + 8, slowed, drafted=tokens)
+    for i in range(8):
+        for _ in range(5):
+            policy.observe_verdict(f"b{i}/s", f"b{i}", 4, 3, draft_ms=67.0, rtt_s=0.02)
+    ks = [policy.next_k(f"b{i}/s", pending_sessions=8) for i in range(8)]
+    assert (min(ks) > 0) if drafting_slowdown == 1.0 else (max(ks) == 0), ks
 
 
 def test_fixed_policy_always_suggests_k_max_and_still_estimates() -> None:
