@@ -24,7 +24,7 @@ measures (`observe_batch`, `observe_verdict`) and asks `next_k` when it publishe
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,6 +58,13 @@ RATE_TOLERANCE = 1e-3
 # mean is not evidence of a knee; each parameter a model adds must pay for itself by this much
 # in the information criterion (2 is Akaike's; more keeps jitter from passing for a knee).
 LOAD_WINDOW = 512
+# The scale of passes with (or without) drafted tokens: the median over the last this many of
+# them. And when the plan has chosen one kind for this many passes, it tries the other for
+# PROBE_PASSES passes, so that a scale measured long ago, under other load, does not decide
+# for ever (see SpeculationPolicy._probe).
+SCALE_PASSES = 3
+PROBE_EVERY = 32
+PROBE_PASSES = 3
 LOAD_NOISE_FLOOR = 0.02
 LOAD_PARAMETER_PENALTY = 3.0
 
@@ -196,18 +203,25 @@ class LoadEstimator:
     their tokens say (sampling sessions' q to check, drafts to decode, and in an emulated
     fleet the boards' drafting on the server's own cores), and handing a batch over must be
     judged by what plain passes really cost. Each scale is the median ratio of the measured
-    time of that kind of pass to the shared fit, 1 until there is one."""
+    time to the shared fit over the last `SCALE_PASSES` passes of that kind (what the other
+    load on the server is now), 1 until there is one."""
 
     def __init__(self, prior: LoadModel = PRIOR_LOAD, window: int = LOAD_WINDOW) -> None:
         self.prior = prior
         self._samples: deque[tuple[int, float, bool]] = deque(maxlen=window)
         self._models: tuple[LoadModel, LoadModel, LoadModel] | None = (prior, prior, prior)
+        self._since = {True: 0, False: 0}  # passes since the last with / without drafts
 
     def observe(self, total_tokens: int, verify_s: float, drafted: bool = False) -> None:
         if total_tokens < 1 or not verify_s > 0:
             return  # an empty batch or a clock that did not move says nothing about cost
         self._samples.append((total_tokens, verify_s, drafted))
+        self._since[drafted], self._since[not drafted] = 0, self._since[not drafted] + 1
         self._models = None
+
+    def passes_since(self, drafted: bool) -> int:
+        """Passes observed since the last one with (`drafted`) or without drafted tokens."""
+        return self._since[drafted]
 
     def model(self) -> LoadModel:
         """The shared fit over every pass."""
@@ -224,7 +238,7 @@ class LoadEstimator:
             shared = fit_load_model(tokens, seconds, self.prior)
             ratio = seconds / shared.seconds(tokens)
             scaled = [
-                _scaled(shared, float(np.median(ratio[kind])) if kind.any() else 1.0)
+                _scaled(shared, float(np.median(ratio[kind][-SCALE_PASSES:])) if kind.any() else 1.0)
                 for kind in (drafted, ~drafted)
             ]
             self._models = (shared, scaled[0], scaled[1])
@@ -504,6 +518,8 @@ class SpeculationPolicy:
         self._boards: dict[str, SessionEstimator] = {}
         self._fleet = SessionEstimator(k_max, decay)
         self._suggested: dict[str, int] = {}  # the last k each session was told
+        self._probing = 0  # plans left in a probe of the other kind of pass (see _probe)
+        self._probing_drafts = False
         self._plan: dict[str, int] = {}
         self._planned_for = 0  # the pending_sessions the plan was made for
 
@@ -550,9 +566,28 @@ class SpeculationPolicy:
             typical = float(np.mean([e.round_trip_s for e in estimates]))
             cost, plain_cost = self.load.costs()
             ks = plan_batch(estimates, cost, self.k_max, plain, typical, plain_cost)
+            ks = self._probe(ks, lambda: plan_batch(estimates, cost, self.k_max, plain, typical))
             self._plan = dict(zip(keys, ks, strict=True))
             self._planned_for = pending_sessions
         return self._plan[session_key]
+
+    def _probe(self, ks: list[int], drafting: Callable[[], list[int]]) -> list[int]:
+        """The plan, or for a few passes the other kind of round: after `PROBE_EVERY` passes
+        of drafting, `PROBE_PASSES` of plain decoding, and after as many handed over, as many
+        drafting what the plan would if both kinds of pass cost the same (`drafting`). Each
+        kind's scale is measured only while the plan chooses it: without a fresh look, one
+        measured under passing load (a burst of session opens, boards catching up) would
+        keep the plan on the other kind for ever."""
+        chosen = any(ks)
+        if self._probing:
+            self._probing -= 1
+        elif self.load.passes_since(not chosen) >= PROBE_EVERY:
+            self._probing, self._probing_drafts = PROBE_PASSES - 1, not chosen
+        else:
+            return ks
+        if self._probing_drafts:
+            return drafting()
+        return [0] * len(ks)
 
     def draft_due_s(self, session_key: str) -> float | None:
         """Seconds from this session's last verdict to its next draft reaching the server, as

@@ -13,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.speculation import (
+    PROBE_EVERY,
+    PROBE_PASSES,
     FixedSpeculation,
     LoadEstimator,
     LoadModel,
@@ -349,10 +351,16 @@ def test_adaptive_never_loses_to_plain_decoding_and_matches_the_best_fixed_k(
         assert min(mean_ks) >= 2, mean_ks
 
 
+def _measure(policy: SpeculationPolicy, cost: LoadModel) -> None:
+    """Passes of 1..199 tokens at `cost`, each with drafted tokens and without."""
+    for tokens in range(1, 200, 3):
+        policy.observe_batch(tokens, float(cost.seconds(tokens)), drafted=tokens - 1)
+        policy.observe_batch(tokens, float(cost.seconds(tokens)), drafted=0)
+
+
 def test_session_held_at_zero_drafts_again_when_load_goes() -> None:
     policy = SpeculationPolicy(K_MAX, prior_load=CPU)
-    for tokens in range(1, 200, 3):
-        policy.observe_batch(tokens, float(CPU.seconds(tokens)), drafted=tokens)
+    _measure(policy, CPU)
     policy.observe_verdict("b/s", "b", 5, 3, draft_ms=20.0, rtt_s=0.01)
     assert policy.next_k("b/s", pending_sessions=64) == 0
     for _ in range(30):  # rounds at k = 0: no evidence, the estimate drifts to the prior
@@ -388,8 +396,7 @@ def test_new_session_starts_from_its_boards_history() -> None:
     suggests a k fitted to its board: a slow board's session drafts less than a fast one's,
     and a board whose drafts are rarely accepted drafts less than one whose drafts mostly are."""
     policy = SpeculationPolicy(K_MAX, prior_load=GPU)
-    for tokens in range(1, 200, 3):
-        policy.observe_batch(tokens, float(GPU.seconds(tokens)), drafted=tokens)
+    _measure(policy, GPU)
     _history(policy, "fast", draft_ms=2.0, accepted_of_6=6)
     _history(policy, "slow", draft_ms=200.0, accepted_of_6=6)
     _history(policy, "poor", draft_ms=2.0, accepted_of_6=0)
@@ -447,6 +454,30 @@ def test_policy_hands_over_when_drafting_rounds_slow_the_server(drafting_slowdow
             policy.observe_verdict(f"b{i}/s", f"b{i}", 4, 3, draft_ms=67.0, rtt_s=0.02)
     ks = [policy.next_k(f"b{i}/s", pending_sessions=8) for i in range(8)]
     assert (min(ks) > 0) if drafting_slowdown == 1.0 else (max(ks) == 0), ks
+
+
+def test_a_stale_price_is_measured_again() -> None:
+    """Plain passes measured during a burst of other load (3 times their cost) make drafting
+    look better than it is; the probe of plain passes after PROBE_EVERY drafting ones finds
+    their real price, and the plan then hands the batch over, probing drafting now and then."""
+    flat = LoadModel(c0_s=0.2, knee_tokens=16, c1_s=0.005)
+    policy = SpeculationPolicy(K_MAX, prior_load=flat)
+    keys = [f"b{i}/s" for i in range(8)]
+    for tokens in range(8, 40):
+        policy.observe_batch(8, 3.0 * float(flat.seconds(8)), drafted=0)
+    chosen = []
+    for _ in range(120):
+        for key in keys:
+            policy.observe_verdict(key, key.split("/")[0], 4, 3, draft_ms=67.0, rtt_s=0.02)
+        ks = [policy.next_k(key, pending_sessions=8) for key in keys]
+        drafted = sum(ks)
+        slowdown = 2.0 if drafted else 1.0  # drafting rounds really cost twice as much
+        policy.observe_batch(drafted + 8, slowdown * float(flat.seconds(drafted + 8)), drafted)
+        chosen.append(drafted > 0)
+    assert all(chosen[:PROBE_EVERY]), "drafting while plain passes look three times dearer"
+    late = chosen[-60:]
+    assert late.count(True) <= 2 * PROBE_PASSES, late  # handed over, but for the probes
+    assert any(late), "drafting is probed again"
 
 
 def test_fixed_policy_always_suggests_k_max_and_still_estimates() -> None:
