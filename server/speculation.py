@@ -59,11 +59,12 @@ RATE_TOLERANCE = 1e-3
 # in the information criterion (2 is Akaike's; more keeps jitter from passing for a knee).
 LOAD_WINDOW = 512
 # The scale of passes with (or without) drafted tokens: the median over the last this many of
-# them. And when the plan has chosen one kind for this many passes, it tries the other for
-# PROBE_PASSES passes, so that a scale measured long ago, under other load, does not decide
-# for ever (see SpeculationPolicy._probe).
+# them. When the plan has chosen one kind for PROBE_FIRST passes (up to PROBE_MAX once probes
+# keep confirming it), it tries the other for PROBE_PASSES passes, so that a scale measured
+# long ago, under other load, does not decide for ever (see SpeculationPolicy._probe).
 SCALE_PASSES = 3
-PROBE_EVERY = 32
+PROBE_FIRST = 8
+PROBE_MAX = 128
 PROBE_PASSES = 3
 LOAD_NOISE_FLOOR = 0.02
 LOAD_PARAMETER_PENALTY = 3.0
@@ -518,8 +519,12 @@ class SpeculationPolicy:
         self._boards: dict[str, SessionEstimator] = {}
         self._fleet = SessionEstimator(k_max, decay)
         self._suggested: dict[str, int] = {}  # the last k each session was told
-        self._probing = 0  # plans left in a probe of the other kind of pass (see _probe)
-        self._probing_drafts = False
+        # Probing the kind of pass the plan is not choosing (see _probe): the kind probed
+        # (None: no probe), plans left in it, the kind chosen before it, and the interval.
+        self._probe_drafts: bool | None = None
+        self._probe_left = 0
+        self._chosen_before_probe = False
+        self._probe_every = PROBE_FIRST
         self._plan: dict[str, int] = {}
         self._planned_for = 0  # the pending_sessions the plan was made for
 
@@ -566,28 +571,34 @@ class SpeculationPolicy:
             typical = float(np.mean([e.round_trip_s for e in estimates]))
             cost, plain_cost = self.load.costs()
             ks = plan_batch(estimates, cost, self.k_max, plain, typical, plain_cost)
-            ks = self._probe(ks, lambda: plan_batch(estimates, cost, self.k_max, plain, typical))
+            ks = self._probe(ks, lambda: plan_batch(estimates, plain_cost, self.k_max, plain, typical))
             self._plan = dict(zip(keys, ks, strict=True))
             self._planned_for = pending_sessions
         return self._plan[session_key]
 
     def _probe(self, ks: list[int], drafting: Callable[[], list[int]]) -> list[int]:
-        """The plan, or for a few passes the other kind of round: after `PROBE_EVERY` passes
-        of drafting, `PROBE_PASSES` of plain decoding, and after as many handed over, as many
-        drafting what the plan would if both kinds of pass cost the same (`drafting`). Each
-        kind's scale is measured only while the plan chooses it: without a fresh look, one
-        measured under passing load (a burst of session opens, boards catching up) would
-        keep the plan on the other kind for ever."""
+        """The plan, or for `PROBE_PASSES` passes the other kind of round: plain decoding
+        (every session handed over) after drafting, and after plain passes, drafting as the
+        plan would choose it if both kinds cost the same (`drafting`; none if even then it does
+        not pay). Each kind's scale is measured only while the plan chooses it: without a
+        fresh look, one taken under passing load (a burst of session opens, boards catching
+        their caches up) would keep the plan on the other kind for ever. A probe comes after
+        `PROBE_FIRST` passes of one kind; each probe that leaves the choice as it was doubles
+        that (up to `PROBE_MAX`), one that changes it starts again from `PROBE_FIRST`: quick to
+        find the better kind, then rarely paying for a look at the worse."""
         chosen = any(ks)
-        if self._probing:
-            self._probing -= 1
-        elif self.load.passes_since(not chosen) >= PROBE_EVERY:
-            self._probing, self._probing_drafts = PROBE_PASSES - 1, not chosen
-        else:
+        if self._probe_left:
+            self._probe_left -= 1
+            return drafting() if self._probe_drafts else [0] * len(ks)
+        if self._probe_drafts is not None:  # the first plan after a probe
+            kept = chosen == self._chosen_before_probe
+            self._probe_every = min(PROBE_MAX, 2 * self._probe_every) if kept else PROBE_FIRST
+            self._probe_drafts = None
+        if self.load.passes_since(not chosen) < self._probe_every:
             return ks
-        if self._probing_drafts:
-            return drafting()
-        return [0] * len(ks)
+        self._probe_drafts, self._chosen_before_probe = not chosen, chosen
+        self._probe_left = PROBE_PASSES - 1
+        return drafting() if self._probe_drafts else [0] * len(ks)
 
     def draft_due_s(self, session_key: str) -> float | None:
         """Seconds from this session's last verdict to its next draft reaching the server, as
