@@ -198,10 +198,13 @@ class VerificationService:
     # --- scheduler thread -------------------------------------------------------------------
     def _collect(self, block: bool) -> list[Inbound]:
         """Block briefly for the first message (unless sessions decoded by the server are
-        waiting), then take whatever else is pending; while drafting sessions are missing,
-        wait up to the window for more, and longer for drafts due soon (`_due_by`)."""
+        waiting: then only as long as drafts are due soon, so that those sessions share the
+        drafting sessions' pass), then take whatever else is pending; while drafting sessions
+        are missing, wait up to the window for more, and longer for drafts due soon
+        (`_due_by`)."""
+        wait = 0.2 if block else self._due_by([]) - time.monotonic()
         try:
-            batch = [self.inbox.get(timeout=0.2) if block else self.inbox.get_nowait()]
+            batch = [self.inbox.get(timeout=wait) if wait > 0 else self.inbox.get_nowait()]
         except queue.Empty:
             return []
         window_ends = time.monotonic() + self.settings.server.batch_window_ms / 1000

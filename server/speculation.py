@@ -220,6 +220,10 @@ class LoadEstimator:
         self._since[drafted], self._since[not drafted] = 0, self._since[not drafted] + 1
         self._models = None
 
+    def measured(self, drafted: bool) -> bool:
+        """Whether any recent pass was with (`drafted`) or without drafted tokens."""
+        return any(kind == drafted for _, _, kind in self._samples)
+
     def passes_since(self, drafted: bool) -> int:
         """Passes observed since the last one with (`drafted`) or without drafted tokens."""
         return self._since[drafted]
@@ -585,7 +589,12 @@ class SpeculationPolicy:
         their caches up) would keep the plan on the other kind for ever. A probe comes after
         `PROBE_FIRST` passes of one kind; each probe that leaves the choice as it was doubles
         that (up to `PROBE_MAX`), one that changes it starts again from `PROBE_FIRST`: quick to
-        find the better kind, then rarely paying for a look at the worse."""
+        find the better kind, then rarely paying for a look at the worse. Until a drafting
+        pass has been measured, the plan decodes plain: speculation must first show that it
+        pays on this server (a fresh server's first passes are plain anyway: boards open
+        their sessions without a draft)."""
+        if not self.load.measured(drafted=True):
+            ks = [0] * len(ks)
         chosen = any(ks)
         if self._probe_left:
             self._probe_left -= 1

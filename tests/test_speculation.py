@@ -371,6 +371,7 @@ def test_session_held_at_zero_drafts_again_when_load_goes() -> None:
 
 def test_forget_removes_a_session_from_the_others_load() -> None:
     policy = SpeculationPolicy(K_MAX, prior_load=CPU)
+    _measure(policy, CPU)
     for i in range(40):
         policy.observe_verdict(f"b{i}/s", f"b{i}", 4, 2, draft_ms=20.0, rtt_s=0.01)
         policy.next_k(f"b{i}/s", pending_sessions=40)
@@ -479,6 +480,19 @@ def test_a_stale_price_is_measured_again() -> None:
     late = chosen[-60:]
     assert late.count(True) <= 2 * PROBE_PASSES, late  # handed over, but for the probes
     assert any(chosen[PROBE_FIRST + PROBE_PASSES :]), "drafting is probed again"
+
+
+def test_a_fresh_server_decodes_plain_until_drafting_is_measured() -> None:
+    """No drafting pass measured yet: the plan hands everything over, and after PROBE_FIRST
+    plain passes it tries drafting; where drafting pays, it stays."""
+    policy = SpeculationPolicy(K_MAX, prior_load=GPU)
+    chosen = []
+    for _ in range(PROBE_FIRST + 6):
+        policy.observe_verdict("b/s", "b", 4, 4, draft_ms=1.0, rtt_s=0.001)
+        k = policy.next_k("b/s", pending_sessions=1)
+        policy.observe_batch(k + 1, float(GPU.seconds(k + 1)), drafted=k)
+        chosen.append(k > 0)
+    assert chosen == [False] * PROBE_FIRST + [True] * 6, chosen
 
 
 def test_fixed_policy_always_suggests_k_max_and_still_estimates() -> None:
