@@ -116,7 +116,13 @@ def run_demo(
             models=models,
             workdir=workdir,
             devices=device_ids,
-            server=ServerSettings(k_max=settings.server.k_max, max_sessions=max(16, len(prompts))),
+            # The tiny target verifies faster than any board drafts, so adaptive k would rightly
+            # hand every session to the server: the tiny demo drafts at fixed k to show drafting.
+            server=ServerSettings(
+                k_max=settings.server.k_max,
+                max_sessions=max(16, len(prompts)),
+                speculation="fixed" if tiny else settings.server.speculation,
+            ),
             device=DeviceSettings(max_concurrent_requests=len(prompts), k_max=settings.device.k_max, threshold=settings.device.threshold),
         )
         with console.status("starting broker, server and boards"):
