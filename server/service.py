@@ -407,7 +407,10 @@ class VerificationService:
         verdict goes out: the plan for the next batch is made at the first next_k."""
         verified = [(r, m, v) for (r, m), v in zip(proposals, verdicts, strict=True) if v.error_code is None]
         drafted = sum(len(m.tokens) for _, m, _ in verified)
-        self.speculation.observe_batch(drafted + len(verified), verify_s, drafted)
+        committed = sum(len(v.tokens) for _, _, v in verified)
+        self.speculation.observe_batch(
+            drafted + len(verified), verify_s, drafted, committed, len(self.routes)
+        )
         for route, message, verdict in verified:
             if route.decoded_here:  # no draft, no round trip: nothing to learn about the board
                 continue

@@ -23,6 +23,7 @@ measures (`observe_batch`, `observe_verdict`) and asks `next_k` when it publishe
 """
 
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,10 @@ LOAD_WINDOW = 512
 # keep confirming it), it tries the other for PROBE_PASSES passes, so that a scale measured
 # long ago, under other load, does not decide for ever (see SpeculationPolicy._probe).
 SCALE_PASSES = 3
+# Committed tokens per second per open session, as realized, over the last this many passes
+# of each kind; compared once each kind has at least REALIZED_MIN of them.
+REALIZED_PASSES = 8
+REALIZED_MIN = 3
 PROBE_FIRST = 8
 PROBE_MAX = 128
 PROBE_PASSES = 3
@@ -252,6 +257,31 @@ class LoadEstimator:
 
 def _scaled(model: LoadModel, factor: float) -> LoadModel:
     return LoadModel(model.c0_s * factor, model.knee_tokens, model.c1_s * factor)
+
+
+class RealizedRates:
+    """What each kind of round really delivered: committed tokens per second per open session,
+    over the last `REALIZED_PASSES` passes with drafted tokens and as many without. A pass's
+    time is the time since the previous pass ended (drafting, round trips and holds
+    included), so the figure is what the fleet got, whatever the plan's model says."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[bool, deque[tuple[float, float]]] = {
+            kind: deque(maxlen=REALIZED_PASSES) for kind in (True, False)
+        }
+        self._last: float | None = None
+
+    def observe(self, drafted: bool, committed: int, sessions: int, at: float) -> None:
+        if self._last is not None and at > self._last and sessions > 0:
+            self._kinds[drafted].append((at - self._last, committed / sessions))
+        self._last = at
+
+    def rate(self, drafted: bool) -> float | None:
+        """Tokens per second per session; None with fewer than `REALIZED_MIN` passes."""
+        passes = self._kinds[drafted]
+        if len(passes) < REALIZED_MIN:
+            return None
+        return sum(tokens for _, tokens in passes) / sum(seconds for seconds, _ in passes)
 
 
 # --- one session --------------------------------------------------------------------------------
@@ -519,6 +549,7 @@ class SpeculationPolicy:
         self.k_max = k_max
         self.decay = decay
         self.load = LoadEstimator(prior_load)
+        self.realized = RealizedRates()
         self._sessions: dict[str, SessionEstimator] = {}
         self._boards: dict[str, SessionEstimator] = {}
         self._fleet = SessionEstimator(k_max, decay)
@@ -532,10 +563,20 @@ class SpeculationPolicy:
         self._plan: dict[str, int] = {}
         self._planned_for = 0  # the pending_sessions the plan was made for
 
-    def observe_batch(self, total_tokens: int, verify_s: float, drafted: int) -> None:
+    def observe_batch(
+        self,
+        total_tokens: int,
+        verify_s: float,
+        drafted: int,
+        committed: int = 0,
+        sessions: int = 0,
+        at: float | None = None,
+    ) -> None:
         """One forward pass: `total_tokens` = sum over its sessions of (drafted + 1), of which
-        `drafted` were drafted tokens."""
+        `drafted` were drafted tokens; it committed `committed` tokens with `sessions` open,
+        and ended `at` (monotonic seconds; now when None)."""
         self.load.observe(total_tokens, verify_s, drafted > 0)
+        self.realized.observe(drafted > 0, committed, sessions, time.monotonic() if at is None else at)
         self._plan = {}
 
     def observe_verdict(
@@ -592,8 +633,14 @@ class SpeculationPolicy:
         find the better kind, then rarely paying for a look at the worse. Until a drafting
         pass has been measured, the plan decodes plain: speculation must first show that it
         pays on this server (a fresh server's first passes are plain anyway: boards open
-        their sessions without a draft)."""
-        if not self.load.measured(drafted=True):
+        their sessions without a draft). And where drafting rounds have recently delivered
+        less per session than plain ones (`RealizedRates`), the batch is handed over whatever
+        the model says: the model assumes lockstep rounds that a real fleet may not keep."""
+        drafting_rate, plain_rate = self.realized.rate(True), self.realized.rate(False)
+        outdone = (
+            drafting_rate is not None and plain_rate is not None and plain_rate >= drafting_rate
+        )
+        if not self.load.measured(drafted=True) or outdone:
             ks = [0] * len(ks)
         chosen = any(ks)
         if self._probe_left:
