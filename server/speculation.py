@@ -366,10 +366,20 @@ class SessionEstimator:
         )
         return SessionEstimate(
             acceptance=tuple(float(a) for a in per_position),
-            draft_step_s=PRIOR_DRAFT_STEP_S if self.draft_step_s is None else self.draft_step_s,
-            round_trip_s=PRIOR_ROUND_TRIP_S if self.round_trip_s is None else self.round_trip_s,
+            draft_step_s=self.step_s,
+            round_trip_s=self.trip_s,
             fill=self.fill,
         )
+
+    @property
+    def step_s(self) -> float:
+        """Board seconds per drafted token (the prior until measured)."""
+        return PRIOR_DRAFT_STEP_S if self.draft_step_s is None else self.draft_step_s
+
+    @property
+    def trip_s(self) -> float:
+        """Round trip beyond drafting (the prior until measured)."""
+        return PRIOR_ROUND_TRIP_S if self.round_trip_s is None else self.round_trip_s
 
 
 def _ewma(previous: float | None, value: float) -> float:
@@ -663,8 +673,9 @@ class SpeculationPolicy:
         session, k = self._sessions.get(session_key), self._suggested.get(session_key)
         if session is None or not k:
             return None
-        estimate = session.estimate()
-        return estimate.fill * k * estimate.draft_step_s + estimate.round_trip_s
+        # The timings alone: the scheduler asks this for every waiting session while it
+        # collects a batch, and the per-position acceptance `estimate()` builds is not needed.
+        return session.fill * k * session.step_s + session.trip_s
 
     def forget(self, session_key: str) -> None:
         """The session ended; its board's and the fleet's estimators keep what it showed."""
