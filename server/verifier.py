@@ -112,12 +112,15 @@ def residual_distribution(
     """norm(max(0, p - q)): p `[B, vocab]`, q as sparse `[B, K]` -> `[B, vocab]` float64.
 
     A row with no residual mass (p <= q everywhere: only float rounding with p == q gets a
-    rejection there, at probability ~0) falls back to p rather than dividing by zero.
+    rejection there, at probability ~0) falls back to p rather than dividing by zero. A mass
+    that is positive but subnormal is divided by as it is: clamping it up to the smallest
+    normal float would leave the row summing to far less than 1.
     """
     p = p.double()
     residual = p.scatter_add(-1, q_ids, -q_probs).clamp_min(0.0)
     mass = residual.sum(dim=-1, keepdim=True)
-    return torch.where(mass > 0, residual / mass.clamp_min(torch.finfo(torch.float64).tiny), p)
+    has_mass = mass > 0
+    return torch.where(has_mass, residual / torch.where(has_mass, mass, 1.0), p)
 
 
 def rejection_verify(

@@ -9,7 +9,7 @@ token depends on the first and may come from a second verification round.
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fleet.sampling import SparseDist
@@ -117,6 +117,7 @@ def test_accept_then_residual_reproduces_p_exactly(case):
     assert torch.allclose(q * accept + reject_mass * residual, p, atol=1e-9)
 
 
+@example((torch.tensor([5e-324, 1.0], dtype=torch.float64), torch.tensor([1]), torch.tensor([1.0], dtype=torch.float64)))
 @given(_p_and_sparse_q())
 def test_residual_is_a_distribution_supported_where_p_exceeds_q(case):
     p, q_ids, q_probs = case
