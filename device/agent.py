@@ -7,7 +7,6 @@ draft -> verdict round at a time.
 """
 
 import json
-import os
 import queue
 import threading
 import time
@@ -114,8 +113,7 @@ class BoardAgent:
         self._started = time.monotonic()
         self._stopping = threading.Event()
         self.pool = ThreadPoolExecutor(
-            max_workers=settings.device.max_concurrent_requests, thread_name_prefix="generation",
-            initializer=_lower_priority, initargs=(settings.device.draft_nice,),
+            max_workers=settings.device.max_concurrent_requests, thread_name_prefix="generation"
         )
         self.client = make_client(
             f"device-{self.device_id}",
@@ -542,14 +540,6 @@ class Generation:
             fields.setdefault("delta", text[len(self.sent_text):])
         self.agent._respond(self.reply, GenerationResponse(request_id=self.request.request_id, seq=self.seq_out, **fields))
         self.seq_out += 1
-
-
-def _lower_priority(nice: int | None) -> None:
-    """Give the calling thread (a generation worker) niceness `nice`. On Linux the niceness
-    belongs to the thread, so the board's MQTT thread keeps its own; raising it needs no
-    privilege."""
-    if nice is not None:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 def _request_id_of(payload: bytes) -> str | None:

@@ -88,11 +88,6 @@ class DeviceSettings(BaseModel):
     # board drafts alone); the benchmark sets 1 so that emulated boards sharing the server's
     # machine do not oversubscribe its cores.
     draft_threads: int | None = Field(None, ge=1)
-    # Niceness (Linux, per thread) of the threads that serve requests, where drafting runs. A
-    # board that also runs other apps can put drafting below them; the benchmark sets 19 so
-    # that emulated boards take only the CPU the server they share a machine with leaves idle,
-    # as boards on their own hardware would take none of it. None keeps the process's own.
-    draft_nice: int | None = Field(None, ge=0, le=19)
     # No drafting at all: the server decodes every token (the server-alone baseline).
     server_decodes: bool = False
     # Keep drafting while a verdict is in flight, as if the whole draft were accepted; the

@@ -2,7 +2,6 @@
 transformers, apps ask over MQTT. Tiny seeded models, float32, greedy unless said."""
 
 import json
-import os
 import ssl
 import subprocess
 import threading
@@ -21,17 +20,14 @@ from fleet.protocol import DraftMessage, GenerationRequest, Topics, decode_verdi
 from tests.conftest import NEW_TOKENS, PROMPTS
 
 
-def _fleet(
-    models: FleetModels, tmp_path: Path, devices: list[str], device_update: dict[str, object] | None = None,
-    **kwargs: object,
-) -> LocalFleet:
+def _fleet(models: FleetModels, tmp_path: Path, devices: list[str], **kwargs: object) -> LocalFleet:
     return LocalFleet(
         models=models,
         workdir=tmp_path,
         devices=devices,
         # Fixed k: adaptive k would hand every session to the milliseconds-fast tiny target.
         server=ServerSettings(k_max=8, batch_window_ms=20, max_sessions=32, speculation="fixed"),
-        device=DeviceSettings(k_max=6, threshold=0.2, max_concurrent_requests=4, **(device_update or {})),
+        device=DeviceSettings(k_max=6, threshold=0.2, max_concurrent_requests=4),
         **kwargs,
     )
 
@@ -183,22 +179,3 @@ def test_k_zero_hands_decoding_to_the_server_and_back(
             assert response.stats.drafted == (0 if index else response.stats.drafted) <= 6
             assert response.stats.verifications == NEW_TOKENS - response.stats.accepted
     assert not [e for e in logs if e["log_level"] in ("warning", "error")]
-
-
-def test_draft_nice_lowers_only_the_threads_that_draft(
-    fleet_models: FleetModels, references: dict[str, list[int]], tmp_path: Path
-) -> None:
-    """The bench's emulated boards draft at niceness 19 so that they take only CPU the server
-    leaves idle; the board's MQTT thread and the server keep the process's niceness."""
-    own = os.getpriority(os.PRIO_PROCESS, 0)
-    prompt = PROMPTS[0]
-    with _fleet(fleet_models, tmp_path, ["board-1"], device_update={"draft_nice": 19}) as fleet:
-        request = GenerationRequest(request_id="nice", prompt=prompt, max_new_tokens=NEW_TOKENS)
-        response = fleet.app.generate("board-1", request, timeout_s=120)
-        assert response.stats is not None and response.stats.drafted > 0
-        niceness = {t.name: os.getpriority(os.PRIO_PROCESS, t.native_id) for t in threading.enumerate()}
-    assert response.tokens == references[prompt]
-    generation = [nice for name, nice in niceness.items() if name.startswith("generation")]
-    assert generation and all(nice == 19 for nice in generation), niceness
-    others = [nice for name, nice in niceness.items() if not name.startswith("generation")]
-    assert others and all(nice == own for nice in others), niceness

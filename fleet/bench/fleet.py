@@ -91,9 +91,6 @@ LINK_RTTS_MS = (20, 100)
 DEFAULT_PEER_REQUESTS = 3
 WARMUP_TOKENS = 8
 RSS_SAMPLE_S = 0.2
-# Emulated boards draft at the lowest CPU priority: on their own hardware they would take
-# none of the server's CPU, here they take what its forward passes leave idle.
-BOARD_NICE = 19
 
 
 # ---------------------------------------------------------------------------------- modes
@@ -573,7 +570,6 @@ def _run_fleet_point(
         # resync would re-open the session and count the same tokens twice.
         verdict_timeout_s=REQUEST_TIMEOUT_S,
         draft_threads=1,
-        draft_nice=BOARD_NICE,
     ).model_copy(update=mode.device)
     label = f"{mode.name}, {n} board{'s' if n > 1 else ''}"
     servers = [f"server-{i + 1}" for i in range(mode.servers)]
