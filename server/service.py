@@ -38,9 +38,8 @@ STATUS_PERIOD_S = 5.0
 # hostile board, a burst of resyncs after a fault) beyond this is dropped and logged rather
 # than held in memory: the boards concerned time out and resync.
 INBOX_LIMIT = 1024
-# Holding a batch for drafts due soon (see `_due_by`): at most this share of the median pass
-# over the last HOLD_PASSES passes; a due draft may be this much later than estimated.
-HOLD_SHARE = 0.5
+# Holding a batch for drafts due soon (see `_due_by`): the median pass over the last
+# HOLD_PASSES passes prices the hold; a due draft may be this much later than estimated.
 HOLD_PASSES = 8
 HOLD_SLACK = 0.1
 
@@ -226,22 +225,26 @@ class VerificationService:
                 return batch
 
     def _due_by(self, batch: list[Inbound]) -> float:
-        """When the last draft due within half a forward pass should arrive (0 if none).
+        """When the last draft worth holding the next pass for should arrive (0 if none).
 
-        A draft that misses a pass by a little waits for the whole pass to end and then needs
-        a pass of its own; holding the pass for it costs the sessions already in the batch
-        only the wait. While passes cost about the same whatever their size (memory-bound),
-        one pass for all is worth a hold of up to half a pass: the sessions then stay in one
-        cohort, round after round, instead of splitting into groups that alternate passes.
-        A draft later than expected by more than the window's slack is not waited for."""
+        A draft that misses a pass waits for the whole pass to end and then needs a pass of its
+        own: holding the pass for it instead costs the sessions already in hand only the wait.
+        While passes cost about the same whatever their size (memory-bound), holding for w
+        seconds costs each of the H sessions in hand w, and saves each of the J drafts due by
+        then about 2V - w (V: the median recent pass), so the hold pays while
+        H * w < J * (2V - w), i.e. w < 2V * J / (H + J): up to a whole pass when two equal
+        cohorts would otherwise alternate passes, less for one late board among many. Taking
+        the latest due draft that still pays keeps the sessions in one cohort, round after
+        round. A draft later than expected by more than the window's slack is not waited for."""
         recent = [record[2] for record in list(self.stats.batches)[-HOLD_PASSES:]]
         if not recent:
             return 0.0
         now = time.monotonic()
-        limit = now + HOLD_SHARE * sorted(recent)[len(recent) // 2]
+        pass_s = sorted(recent)[len(recent) // 2]
         slack = self.settings.server.batch_window_ms / 1000
         arrived = {item.topic for item in batch}
-        due = 0.0
+        in_hand = len(batch) + sum(1 for route in self.routes.values() if route.decoded_here)
+        expected: list[float] = []
         for route in self.routes.values():
             if route.decoded_here or route.verdict_sent_at is None:
                 continue
@@ -250,9 +253,13 @@ class VerificationService:
             expected_in = self.speculation.draft_due_s(route.key)
             if expected_in is None:
                 continue
-            expected = route.verdict_sent_at + expected_in * (1 + HOLD_SLACK) + slack
-            if now < expected <= limit:
-                due = max(due, expected)
+            at = route.verdict_sent_at + expected_in * (1 + HOLD_SLACK) + slack
+            if at > now:
+                expected.append(at)
+        due = 0.0
+        for joining, at in enumerate(sorted(expected), start=1):
+            if at - now < 2 * pass_s * joining / (in_hand + joining):
+                due = at
         return due
 
     def _admit_all(self, batch: list[Inbound]) -> list[tuple[Route, DraftMessage]]:
@@ -386,6 +393,10 @@ class VerificationService:
         self.metrics.record_batch(len(proposals), elapsed)
         self._observe_speculation(proposals, verdicts, elapsed)
         drafted = accepted = committed = 0
+        # Every verdict of the batch is planned for the same batch: counted before any finished
+        # session closes, or the last verdicts would be planned for a batch emptied by the first
+        # (and hand a k meant for one or two sessions to boards that open their next one with it).
+        pending = len(self.routes)
         for (route, message), verdict in zip(proposals, verdicts, strict=True):
             # Counted before it is published: whoever sees the verdict must find it counted.
             if verdict.error_code is None:
@@ -396,9 +407,11 @@ class VerificationService:
             else:
                 self.metrics.record_error(verdict.error_code)
             with structlog.contextvars.bound_contextvars(device=route.device, session=route.session):
-                self._publish_verdict(route, message, verdict)
+                self._publish_verdict(route, message, verdict, pending)
         self.stats.record(len(proposals), elapsed, drafted, accepted, committed)
-        self.log.info("batch_verified", sessions=len(proposals), seconds=round(elapsed, 4), committed=committed)
+        self.log.info(
+            "batch_verified", sessions=len(proposals), seconds=round(elapsed, 4), drafted=drafted, committed=committed
+        )
 
     def _observe_speculation(
         self, proposals: list[tuple[Route, DraftMessage]], verdicts: list[Verdict], verify_s: float
@@ -420,8 +433,8 @@ class VerificationService:
             )
             self.speculation.observe_verdict(route.key, route.device, drafted, verdict.accepted, message.draft_ms, rtt)
 
-    def _publish_verdict(self, route: Route, message: DraftMessage, verdict: Verdict) -> None:
-        next_k = None if route.server_decodes else self.speculation.next_k(route.key, len(self.routes))
+    def _publish_verdict(self, route: Route, message: DraftMessage, verdict: Verdict, pending: int) -> None:
+        next_k = None if route.server_decodes else self.speculation.next_k(route.key, pending)
         route.pushing = next_k == 0 and verdict.error_code is None
         payload = encode(
             VerdictMessage(

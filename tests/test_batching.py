@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from fleet.config import ServerSettings, Settings
+from fleet.protocol import DraftMessage
+from fleet.sampling import SamplingParams
 from server.engine import Engine
-from server.service import HOLD_SHARE, HOLD_SLACK, Inbound, Route, VerificationService
+from server.service import HOLD_SLACK, Inbound, Route, VerificationService, session_key
 from server.speculation import make_policy
 
 K = 4
@@ -31,45 +33,65 @@ def service(tiny_models: tuple[Path, Path]) -> VerificationService:
     return service
 
 
-def _drafting(service: VerificationService, device: str, draft_ms: float, sent_ago_s: float) -> Route:
-    """A session whose last verdict (suggesting K) went out `sent_ago_s` ago, on a board that
-    drafts at `draft_ms` per token."""
+def _drafting(service: VerificationService, device: str, due_in_s: float) -> Route:
+    """A session told to draft K tokens whose next draft is expected `due_in_s` from now (the
+    board's drafting and round trip as the policy estimates them, with the service's slack)."""
     route = Route(device=device, session="s")
     service.routes[route.key] = route
-    service.speculation.observe_verdict(route.key, device, K, 1, draft_ms=draft_ms, rtt_s=0.01)
+    service.speculation.observe_verdict(route.key, device, K, 1, draft_ms=20.0, rtt_s=0.01)
     assert service.speculation.next_k(route.key, pending_sessions=4) == K
-    route.verdict_sent_at = time.monotonic() - sent_ago_s
+    route.verdict_sent_at = 0.0
+    route.verdict_sent_at = time.monotonic() + due_in_s - _expected(service, route)
     return route
 
 
-def _expected(route: Route, draft_ms: float) -> float:
+def _expected(service: VerificationService, route: Route) -> float:
     assert route.verdict_sent_at is not None
-    due_in = K * draft_ms / 1000 + 0.01  # the board's drafting plus the round trip
+    due_in = service.speculation.draft_due_s(route.key)
+    assert due_in is not None
     return route.verdict_sent_at + due_in * (1 + HOLD_SLACK) + WINDOW_S
 
 
-def test_holds_for_the_latest_draft_due_within_half_a_pass(service: VerificationService) -> None:
-    soon = _drafting(service, "board-a", draft_ms=20.0, sent_ago_s=0.05)  # due in ~0.05 s
-    sooner = _drafting(service, "board-b", draft_ms=10.0, sent_ago_s=0.03)  # due in ~0.03 s
-    late = _drafting(service, "board-c", draft_ms=100.0, sent_ago_s=0.0)  # due in ~0.45 s
-    arrived = _drafting(service, "board-d", draft_ms=20.0, sent_ago_s=0.05)
-    overdue = _drafting(service, "board-e", draft_ms=20.0, sent_ago_s=1.0)
-    batch = [Inbound(service.topics.draft(arrived.device, arrived.session), b"", time.monotonic())]
+def _arrived(service: VerificationService, *routes: Route) -> list[Inbound]:
+    return [Inbound(service.topics.draft(r.device, r.session), b"", time.monotonic()) for r in routes]
 
-    due = service._due_by(batch)
 
-    assert due == pytest.approx(_expected(soon, 20.0))
-    assert _expected(sooner, 10.0) < due < time.monotonic() + HOLD_SHARE * PASS_S
-    # The late board would hold the pass for more than half of it; the overdue one is lost
-    # or slow: neither is waited for.
-    assert _expected(late, 100.0) > time.monotonic() + HOLD_SHARE * PASS_S
-    assert _expected(overdue, 20.0) < time.monotonic()
+def test_holds_for_the_latest_draft_that_pays(service: VerificationService) -> None:
+    """One draft in hand, four missing: holding w for the J drafts due by then pays while
+    1 x w < J x (2 x pass - w)."""
+    soon = _drafting(service, "board-a", due_in_s=0.05)
+    sooner = _drafting(service, "board-b", due_in_s=0.03)
+    late = _drafting(service, "board-c", due_in_s=0.35)  # 3 due by then: pays up to 0.3 s
+    arrived = _drafting(service, "board-d", due_in_s=0.0)
+    overdue = _drafting(service, "board-e", due_in_s=-0.5)  # lost or slow: not waited for
+
+    due = service._due_by(_arrived(service, arrived))
+
+    assert due == pytest.approx(_expected(service, soon), abs=1e-3)
+    assert _expected(service, sooner) < due < _expected(service, late)
+    assert _expected(service, overdue) < time.monotonic()
+
+
+def test_holds_up_to_a_whole_pass_for_a_cohort_as_large_as_the_one_in_hand(
+    service: VerificationService,
+) -> None:
+    """Two cohorts of two that would alternate passes: the one in hand waits for the other
+    due in 0.8 of a pass (each of the two saves 1.2 passes, each held loses 0.8). One late
+    board among three in hand is not waited for as long (2 x pass x 1 / 4 is half a pass)."""
+    in_hand = [_drafting(service, f"board-{i}", due_in_s=0.0) for i in range(2)]
+    joining = [_drafting(service, f"board-{i}", due_in_s=0.8 * PASS_S) for i in range(2, 4)]
+    assert service._due_by(_arrived(service, *in_hand)) == pytest.approx(_expected(service, joining[0]), abs=1e-3)
+
+    third = _drafting(service, "board-9", due_in_s=0.0)
+    service.routes.pop(joining[1].key)
+    assert service._due_by(_arrived(service, *in_hand, third)) == 0.0
+    assert service._due_by(_arrived(service, *in_hand[:1])) > 0  # one in hand: 0.8 < 2 x 1 / 2
 
 
 def test_no_hold_for_sessions_the_server_decodes_or_before_any_pass(
     service: VerificationService,
 ) -> None:
-    pushed = _drafting(service, "board-a", draft_ms=20.0, sent_ago_s=0.05)
+    pushed = _drafting(service, "board-a", due_in_s=0.05)
     pushed.pushing = True
     assert service._due_by([]) == 0.0
     pushed.pushing = False
@@ -86,3 +108,29 @@ def test_no_hold_for_a_session_told_to_draft_nothing(service: VerificationServic
     assert service.speculation.next_k(route.key, pending_sessions=1) == 0
     route.verdict_sent_at = time.monotonic() - 0.05
     assert service._due_by([]) == 0.0
+
+
+def test_every_verdict_of_a_batch_is_planned_for_the_same_batch(service: VerificationService) -> None:
+    """A session that finishes closes as its verdict goes out; the verdicts after it must
+    still be planned for the whole batch, or they carry a k meant for a batch without it."""
+    asked: list[int] = []
+    next_k = service.speculation.next_k
+
+    def recording(session_key: str, pending_sessions: int) -> int:
+        asked.append(pending_sessions)
+        return next_k(session_key, pending_sessions)
+
+    service.speculation.next_k = recording  # type: ignore[method-assign]
+    proposals = []
+    for device, max_new in (("board-a", 1), ("board-b", 8), ("board-c", 8)):
+        opening = DraftMessage(
+            session="s", seq=0, committed_len=3, context=[5, 6, 7], params=SamplingParams(max_new_tokens=max_new)
+        )
+        opened = service._open(device, "s", opening)
+        assert opened is not None
+        proposals.append(opened)
+
+    service._verify(proposals)
+
+    assert session_key("board-a", "s") not in service.routes  # finished and closed first
+    assert asked == [3, 3, 3]
