@@ -7,6 +7,7 @@ draft -> verdict round at a time.
 """
 
 import json
+import os
 import queue
 import threading
 import time
@@ -112,8 +113,12 @@ class BoardAgent:
         self.last_next_k: int | None = 0
         self._started = time.monotonic()
         self._stopping = threading.Event()
+        cpus = settings.device.draft_cpus
+        if cpus is not None and not set(cpus) <= set(range(os.cpu_count() or 1)):
+            raise ValueError(f"draft_cpus {cpus}: this machine has CPUs 0..{(os.cpu_count() or 1) - 1}")
         self.pool = ThreadPoolExecutor(
-            max_workers=settings.device.max_concurrent_requests, thread_name_prefix="generation"
+            max_workers=settings.device.max_concurrent_requests, thread_name_prefix="generation",
+            initializer=_hold_to_cpus, initargs=(settings.device.draft_cpus,),
         )
         self.client = make_client(
             f"device-{self.device_id}",
@@ -540,6 +545,13 @@ class Generation:
             fields.setdefault("delta", text[len(self.sent_text):])
         self.agent._respond(self.reply, GenerationResponse(request_id=self.request.request_id, seq=self.seq_out, **fields))
         self.seq_out += 1
+
+
+def _hold_to_cpus(cpus: list[int] | None) -> None:
+    """Hold the calling thread (a generation worker, which drafts) to `cpus`. On Linux the CPU
+    set belongs to the thread, so the board's MQTT thread keeps the process's."""
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
 
 
 def _request_id_of(payload: bytes) -> str | None:

@@ -88,6 +88,10 @@ class DeviceSettings(BaseModel):
     # board drafts alone); the benchmark sets 1 so that emulated boards sharing the server's
     # machine do not oversubscribe its cores.
     draft_threads: int | None = Field(None, ge=1)
+    # CPUs (Linux) the threads that serve requests, where drafting runs, are held to. A board
+    # that also runs other apps can keep drafting off their cores; the benchmark gives emulated
+    # boards CPUs apart from the server's (`fleet bench --board-cpus`). None: any CPU.
+    draft_cpus: list[int] | None = Field(None, min_length=1)
     # No drafting at all: the server decodes every token (the server-alone baseline).
     server_decodes: bool = False
     # Keep drafting while a verdict is in flight, as if the whole draft were accepted; the

@@ -7,11 +7,14 @@ each, every mode.
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from fleet.bench.cpus import server_side, split_cpus
 from fleet.bench.fleet import MODE_SETS, MODES, bench_command, expand_modes, run_fleet_bench
 from fleet.bench.profiles import PROFILES, get_profile
 from fleet.bench.report import (
@@ -204,11 +207,25 @@ def test_lossless_check_reports_the_first_divergence() -> None:
         ({"emulate": False, "board_step_ms": 10.0}, "emulated boards only"),
         ({"boards_for": {"pipelining": [1]}}, "do not run: sled-pipelined-rtt100"),
         ({"boards_for": {"sled": [0]}}, "boards"),
+        ({"board_cpus": len(os.sched_getaffinity(0))}, "leave the server at least one"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         run_fleet_bench("tiny", **kwargs)
+
+
+def test_cpu_split_gives_the_boards_the_last_cpus_and_is_undone() -> None:
+    allowed, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    assert split_cpus(0) is None
+    if len(allowed) < 2:
+        pytest.skip("a CPU split needs two CPUs")
+    split = split_cpus(1)
+    assert split is not None and split.boards == [max(allowed)] and set(split.server) == allowed - {max(allowed)}
+    with server_side(split):
+        assert os.sched_getaffinity(0) == set(split.server)
+        assert torch.get_num_threads() == len(split.server)
+    assert os.sched_getaffinity(0) == allowed and torch.get_num_threads() == threads
 
 
 def test_cli_rejects_bad_boards() -> None:

@@ -2,6 +2,7 @@
 transformers, apps ask over MQTT. Tiny seeded models, float32, greedy unless said."""
 
 import json
+import os
 import ssl
 import subprocess
 import threading
@@ -10,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -20,14 +22,17 @@ from fleet.protocol import DraftMessage, GenerationRequest, Topics, decode_verdi
 from tests.conftest import NEW_TOKENS, PROMPTS
 
 
-def _fleet(models: FleetModels, tmp_path: Path, devices: list[str], **kwargs: object) -> LocalFleet:
+def _fleet(
+    models: FleetModels, tmp_path: Path, devices: list[str], device_update: dict[str, object] | None = None,
+    **kwargs: object,
+) -> LocalFleet:
     return LocalFleet(
         models=models,
         workdir=tmp_path,
         devices=devices,
         # Fixed k: adaptive k would hand every session to the milliseconds-fast tiny target.
         server=ServerSettings(k_max=8, batch_window_ms=20, max_sessions=32, speculation="fixed"),
-        device=DeviceSettings(k_max=6, threshold=0.2, max_concurrent_requests=4),
+        device=DeviceSettings(k_max=6, threshold=0.2, max_concurrent_requests=4, **(device_update or {})),
         **kwargs,
     )
 
@@ -179,3 +184,32 @@ def test_k_zero_hands_decoding_to_the_server_and_back(
             assert response.stats.drafted == (0 if index else response.stats.drafted) <= 6
             assert response.stats.verifications == NEW_TOKENS - response.stats.accepted
     assert not [e for e in logs if e["log_level"] in ("warning", "error")]
+
+
+def test_draft_cpus_hold_only_the_threads_that_draft(
+    fleet_models: FleetModels, references: dict[str, list[int]], tmp_path: Path
+) -> None:
+    """`fleet bench --board-cpus` keeps emulated boards' drafting off the server's CPUs; the
+    board's MQTT thread and the server keep every CPU of the process."""
+    everything = os.sched_getaffinity(0)
+    board_cpu = max(everything)
+    prompt = PROMPTS[0]
+    with _fleet(fleet_models, tmp_path, ["board-1"], device_update={"draft_cpus": [board_cpu]}) as fleet:
+        request = GenerationRequest(request_id="pinned", prompt=prompt, max_new_tokens=NEW_TOKENS)
+        response = fleet.app.generate("board-1", request, timeout_s=120)
+        assert response.stats is not None and response.stats.drafted > 0
+        cpus = {t.name: os.sched_getaffinity(t.native_id) for t in threading.enumerate()}
+    assert response.tokens == references[prompt]
+    generation = [held for name, held in cpus.items() if name.startswith("generation")]
+    assert generation and all(held == {board_cpu} for held in generation), cpus
+    others = [held for name, held in cpus.items() if not name.startswith("generation")]
+    assert others and all(held == everything for held in others), cpus
+
+
+def test_draft_cpus_the_machine_lacks_are_refused(fleet_models: FleetModels, tmp_path: Path) -> None:
+    missing = (os.cpu_count() or 1) + 3
+    with (
+        pytest.raises(ValueError, match=f"draft_cpus \\[{missing}\\]"),
+        _fleet(fleet_models, tmp_path, ["board-1"], device_update={"draft_cpus": [missing]}),
+    ):
+        pass

@@ -38,6 +38,7 @@ import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from device.agent import BoardAgent
+from fleet.bench.cpus import CpuSplit, server_side, split_cpus
 from fleet.bench.peers import HFPeers
 from fleet.bench.profiles import BoardProfile, get_profile, measure_draft_step_ms
 from fleet.bench.report import (
@@ -245,6 +246,7 @@ def run_fleet_bench(
     peer_requests: int = DEFAULT_PEER_REQUESTS,
     board_step_ms: float | None = None,
     boards_for: dict[str, Sequence[int]] | None = None,
+    board_cpus: int = 0,
     home: Path | None = None,
     progress: ProgressFn | None = None,
 ) -> BenchReport:
@@ -253,7 +255,8 @@ def run_fleet_bench(
 
     Emulated boards take `board_step_ms` per drafted token when given (a figure measured on
     the real board beats the profile's estimate), else this machine's measured draft step
-    times the profile's hardware factor.
+    times the profile's hardware factor. `board_cpus` > 0 keeps that many CPUs for the emulated
+    boards' drafting and runs the server, in every mode, on the rest (fleet.bench.cpus).
     """
     defaults = DeviceSettings()
     config = BenchConfig(
@@ -276,8 +279,10 @@ def run_fleet_bench(
         target_rate=target_rate,
         peer_requests=peer_requests,
         board_step_ms=board_step_ms,
+        board_cpus=board_cpus,
     )
     _check_config(config)
+    split = split_cpus(config.board_cpus)
     board_profile = get_profile(profile)
     progress = progress or (lambda description, done, total: None)
     log = get_logger(component="bench-fleet")
@@ -287,7 +292,7 @@ def run_fleet_bench(
     plan = JobPlan(shipped_bench_prompts(), config.sampling)
     results: dict[str, ModeReport] = {}
     runs: dict[str, list[RequestRecord]] = {}
-    with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp, server_side(split):
         workdir = Path(tmp)
         progress("preparing models", 0, 1)
         bench_models = _prepare_models(config.models, workdir, home)
@@ -302,7 +307,7 @@ def run_fleet_bench(
             for mode in (m for m in fleet_modes if n in config.boards_of(m.name)):
                 done = _run_fleet_point(
                     mode, n, config, bench_models.fleet, workdir / f"{mode.name}-{n}", plan,
-                    emulated_ms, tokenizer, progress,
+                    emulated_ms, tokenizer, progress, split,
                 )
                 measured[mode.name].append(done)
                 runs[f"{mode.name}@{n}"] = done.records
@@ -339,6 +344,7 @@ def run_fleet_bench(
         profile=board_profile if config.emulate else None,
         draft_step_ms=step_ms,
         emulated_step_ms=emulated_ms,
+        cpu_split=split,
         target_rate=rate,
         target_rate_rule=rule,
         errors=errors,
@@ -553,6 +559,7 @@ def _run_fleet_point(
     emulated_ms: float | None,
     tokenizer,
     progress: ProgressFn,
+    split: CpuSplit | None = None,
 ) -> _FleetPoint:
     """A fresh broker, server and `n` boards in `mode`, warmed up with one short request,
     then the closed loop. A fresh fleet per point lets the modes alternate at each N, so that
@@ -570,6 +577,7 @@ def _run_fleet_point(
         # resync would re-open the session and count the same tokens twice.
         verdict_timeout_s=REQUEST_TIMEOUT_S,
         draft_threads=1,
+        draft_cpus=split.boards if split is not None else None,
     ).model_copy(update=mode.device)
     label = f"{mode.name}, {n} board{'s' if n > 1 else ''}"
     servers = [f"server-{i + 1}" for i in range(mode.servers)]
@@ -784,6 +792,8 @@ def equivalent_command(config: BenchConfig) -> str:
     ]
     if config.board_step_ms is not None:
         parts.append(f"--board-step-ms {config.board_step_ms:g}")
+    if config.board_cpus:
+        parts.append(f"--board-cpus {config.board_cpus}")
     for mode, counts in config.boards_for.items():
         parts.append(f"--boards-for {mode}={','.join(map(str, counts))}")
     if config.target_rate is not None:
@@ -827,6 +837,7 @@ def bench_command(
     peer_requests: Annotated[int, typer.Option("--peer-requests", min=1, help="Greedy requests the in-process peers run.")] = DEFAULT_PEER_REQUESTS,
     board_step_ms: Annotated[float | None, typer.Option("--board-step-ms", min=0.0, help="Emulated board draft step in ms, instead of the profile's factor x this machine's step.")] = None,
     boards_for: Annotated[list[str] | None, typer.Option("--boards-for", help="MODE_OR_SET=1,4: run these modes at their own numbers of boards (repeatable).")] = None,
+    board_cpus: Annotated[int, typer.Option("--board-cpus", min=0, help="CPUs kept for the emulated boards' drafting; the server runs on the rest [default: 0, all shared].")] = 0,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "warning",
 ) -> None:
     """Speculative fleet (sled) against the server alone and HF assisted generation, in one run.
@@ -875,7 +886,7 @@ def bench_command(
                 emulate=not real_drafting, profile=profile, modes=_parse_list(modes, "--modes"),
                 sampling=sampling, max_new_tokens=max_new_tokens, dtype=dtype, k_max=k_max,
                 threshold=threshold, peer_requests=peer_requests, board_step_ms=board_step_ms,
-                boards_for=per_mode, progress=show,
+                boards_for=per_mode, board_cpus=board_cpus, progress=show,
             )
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from fleet.bench.cpus import CpuSplit
 from fleet.bench.profiles import BoardProfile
 from fleet.bench.workload import RequestRecord, SamplingMix
 
@@ -106,6 +107,7 @@ class BenchConfig(BaseModel):
     target_rate: float | None
     peer_requests: int
     board_step_ms: float | None = None  # given emulated step time, instead of profile x measured
+    board_cpus: int = 0  # CPUs kept for the emulated boards' drafting, apart from the server's
     boards_for: dict[str, list[int]] = Field(default_factory=dict)  # modes run at other Ns
 
     def boards_of(self, mode: str) -> list[int]:
@@ -141,6 +143,7 @@ class BenchReport(BaseModel):
     profile: BoardProfile | None
     draft_step_ms: float  # measured on this machine
     emulated_step_ms: float | None
+    cpu_split: CpuSplit | None = None  # the CPUs of the server and of the emulated boards
     target_rate: float
     target_rate_rule: str
     errors: int
@@ -372,7 +375,11 @@ def summary_lines(report: BenchReport) -> list[str]:
         ),
         f"boards: {'emulated ' + report.profile.name if report.profile else 'real ONNX drafting on this machine'}"
         f" (draft step here {report.draft_step_ms:.2f} ms"
-        + (f", emulated {report.emulated_step_ms:.2f} ms)" if report.emulated_step_ms else ")"),
+        + (f", emulated {report.emulated_step_ms:.2f} ms)" if report.emulated_step_ms else ")")
+        + (
+            f"; boards draft on CPUs {report.cpu_split.boards}, the server runs on {report.cpu_split.server}"
+            if report.cpu_split else "; boards and server share every CPU"
+        ),
     ]
 
 
