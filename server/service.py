@@ -231,9 +231,11 @@ class VerificationService:
         own: holding the pass for it instead costs the sessions already in hand only the wait.
         While passes cost about the same whatever their size (memory-bound), holding for w
         seconds costs each of the H sessions in hand w, and saves each of the J drafts due by
-        then about 2V - w (V: the median recent pass), so the hold pays while
-        H * w < J * (2V - w), i.e. w < 2V * J / (H + J): up to a whole pass when two equal
-        cohorts would otherwise alternate passes, less for one late board among many. Taking
+        then about 2V - w (V: the median recent pass: the rest of the pass it missed and a pass
+        of its own), so the hold pays while H * w < J * (2V - w), i.e. w < 2V * J / (H + J):
+        up to a whole pass when two equal cohorts would otherwise alternate passes, less for
+        one late board among many. Where the server also decodes sessions alone, passes
+        follow one another anyway and a late draft joins the next: it saves V - w. Taking
         the latest due draft that still pays keeps the sessions in one cohort, round after
         round. A draft later than expected by more than the window's slack is not waited for."""
         recent = [record[2] for record in list(self.stats.batches)[-HOLD_PASSES:]]
@@ -243,7 +245,11 @@ class VerificationService:
         pass_s = sorted(recent)[len(recent) // 2]
         slack = self.settings.server.batch_window_ms / 1000
         arrived = {item.topic for item in batch}
-        in_hand = len(batch) + sum(1 for route in self.routes.values() if route.decoded_here)
+        decoded_here = sum(1 for route in self.routes.values() if route.decoded_here)
+        in_hand = len(batch) + decoded_here
+        # With sessions the server decodes alone, passes follow one another anyway and a
+        # draft that misses one joins the next: a hold saves it one pass less.
+        saved_s = pass_s * (1 if decoded_here else 2)
         expected: list[float] = []
         for route in self.routes.values():
             if route.decoded_here or route.verdict_sent_at is None:
@@ -258,7 +264,7 @@ class VerificationService:
                 expected.append(at)
         due = 0.0
         for joining, at in enumerate(sorted(expected), start=1):
-            if at - now < 2 * pass_s * joining / (in_hand + joining):
+            if at - now < saved_s * joining / (in_hand + joining):
                 due = at
         return due
 

@@ -88,6 +88,25 @@ def test_holds_up_to_a_whole_pass_for_a_cohort_as_large_as_the_one_in_hand(
     assert service._due_by(_arrived(service, *in_hand[:1])) > 0  # one in hand: 0.8 < 2 x 1 / 2
 
 
+def test_beside_sessions_the_server_decodes_a_late_draft_saves_one_pass_less(
+    service: VerificationService,
+) -> None:
+    """Passes follow one another for the session decoded alone, so a draft that misses one
+    joins the next. One in hand and one decoded alone: a draft due in 0.4 of a pass is not
+    waited for (0.4 > 1 x 1 / 3), one due in 0.3 is."""
+    in_hand = _drafting(service, "board-a", due_in_s=0.0)
+    alone = _drafting(service, "board-b", due_in_s=0.0)
+    alone.pushing = True
+    joining = _drafting(service, "board-c", due_in_s=0.4 * PASS_S)
+    assert service._due_by(_arrived(service, in_hand)) == 0.0
+    alone.pushing = False  # without it, the same draft saves a whole pass more: held
+    assert service._due_by(_arrived(service, in_hand, alone)) == pytest.approx(_expected(service, joining), abs=1e-3)
+    alone.pushing = True
+    service.routes.pop(joining.key)
+    sooner = _drafting(service, "board-d", due_in_s=0.3 * PASS_S)
+    assert service._due_by(_arrived(service, in_hand)) == pytest.approx(_expected(service, sooner), abs=1e-3)
+
+
 def test_no_hold_for_sessions_the_server_decodes_or_before_any_pass(
     service: VerificationService,
 ) -> None:
