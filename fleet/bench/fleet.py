@@ -322,6 +322,7 @@ def run_fleet_bench(
         if peers:
             results.update(_run_peer_modes(peers, config, bench_models, plan, tokenizer, runs, progress))
             gc.collect()
+        machine = _machine(load_before)  # inside the split: the server's torch threads
     rate, rule = capacity_target_rate(config, results)
     for report in results.values():
         if report.kind == "fleet":
@@ -353,7 +354,7 @@ def run_fleet_bench(
             "draft": bench_models.fleet.draft_dir.name,
             "dtype": config.dtype,
         },
-        machine=_machine(load_before),
+        machine=machine,
         config=config,
         command=equivalent_command(config),
         started_at=started_at,
