@@ -68,10 +68,6 @@ SCALE_PASSES = 3
 # of each kind; compared once each kind has at least REALIZED_MIN of them.
 REALIZED_PASSES = 8
 REALIZED_MIN = 3
-# Drafting is kept only while its rounds delivered at least this much more than plain ones:
-# each switch between the kinds costs (boards catch their draft caches up, a cohort forms
-# again), and where the two are within noise plain decoding, the server alone, is the safe side.
-REALIZED_MARGIN = 0.1
 PROBE_FIRST = 8
 PROBE_MAX = 128
 PROBE_PASSES = 3
@@ -648,14 +644,11 @@ class SpeculationPolicy:
         pass has been measured, the plan decodes plain: speculation must first show that it
         pays on this server (a fresh server's first passes are plain anyway: boards open
         their sessions without a draft). And where drafting rounds have recently delivered
-        less per session than plain ones, or not `REALIZED_MARGIN` more (`RealizedRates`), the
-        batch is handed over whatever the model says: the model assumes lockstep rounds that a
-        real fleet may not keep."""
+        less per session than plain ones (`RealizedRates`), the batch is handed over whatever
+        the model says: the model assumes lockstep rounds that a real fleet may not keep."""
         drafting_rate, plain_rate = self.realized.rate(True), self.realized.rate(False)
         outdone = (
-            drafting_rate is not None
-            and plain_rate is not None
-            and plain_rate * (1 + REALIZED_MARGIN) >= drafting_rate
+            drafting_rate is not None and plain_rate is not None and plain_rate >= drafting_rate
         )
         if not self.load.measured(drafted=True) or outdone:
             ks = [0] * len(ks)
