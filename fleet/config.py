@@ -98,6 +98,14 @@ class DeviceSettings(BaseModel):
     # part the verdict confirms opens the next draft (docs/speculation.md).
     pipeline: bool = False
 
+    @field_validator("draft_cpus")
+    @classmethod
+    def _cpus_exist(cls, cpus: list[int] | None) -> list[int] | None:
+        last = (os.cpu_count() or 1) - 1
+        if cpus is not None and not all(0 <= cpu <= last for cpu in cpus):
+            raise ValueError(f"draft_cpus {cpus}: this machine has CPUs 0..{last}")
+        return cpus
+
 
 class Settings(BaseSettings):
     """Everything a `fleet` process can be told."""

@@ -245,14 +245,13 @@ class VerificationService:
         pass_s = sorted(recent)[len(recent) // 2]
         slack = self.settings.server.batch_window_ms / 1000
         arrived = {item.topic for item in batch}
-        decoded_here = sum(1 for route in self.routes.values() if route.decoded_here)
-        in_hand = len(batch) + decoded_here
-        # With sessions the server decodes alone, passes follow one another anyway and a
-        # draft that misses one joins the next: a hold saves it one pass less.
-        saved_s = pass_s * (1 if decoded_here else 2)
+        decoded_here = 0
         expected: list[float] = []
         for route in self.routes.values():
-            if route.decoded_here or route.verdict_sent_at is None:
+            if route.decoded_here:
+                decoded_here += 1
+                continue
+            if route.verdict_sent_at is None:
                 continue
             if self.topics.draft(route.device, route.session) in arrived:
                 continue
@@ -262,6 +261,8 @@ class VerificationService:
             at = route.verdict_sent_at + expected_in * (1 + HOLD_SLACK) + slack
             if at > now:
                 expected.append(at)
+        in_hand = len(batch) + decoded_here
+        saved_s = pass_s * (1 if decoded_here else 2)
         due = 0.0
         for joining, at in enumerate(sorted(expected), start=1):
             if at - now < saved_s * joining / (in_hand + joining):

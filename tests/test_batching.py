@@ -40,16 +40,20 @@ def _drafting(service: VerificationService, device: str, due_in_s: float) -> Rou
     service.routes[route.key] = route
     service.speculation.observe_verdict(route.key, device, K, 1, draft_ms=20.0, rtt_s=0.01)
     assert service.speculation.next_k(route.key, pending_sessions=4) == K
-    route.verdict_sent_at = 0.0
-    route.verdict_sent_at = time.monotonic() + due_in_s - _expected(service, route)
+    route.verdict_sent_at = time.monotonic() + due_in_s - _due_after_verdict(service, route)
     return route
+
+
+def _due_after_verdict(service: VerificationService, route: Route) -> float:
+    """Seconds from the session's verdict to when the service expects its draft, slack included."""
+    due_in = service.speculation.draft_due_s(route.key)
+    assert due_in is not None
+    return due_in * (1 + HOLD_SLACK) + WINDOW_S
 
 
 def _expected(service: VerificationService, route: Route) -> float:
     assert route.verdict_sent_at is not None
-    due_in = service.speculation.draft_due_s(route.key)
-    assert due_in is not None
-    return route.verdict_sent_at + due_in * (1 + HOLD_SLACK) + WINDOW_S
+    return route.verdict_sent_at + _due_after_verdict(service, route)
 
 
 def _arrived(service: VerificationService, *routes: Route) -> list[Inbound]:

@@ -505,10 +505,10 @@ def test_what_rounds_delivered_overrules_the_model(drafting_delivers: float) -> 
     policy = SpeculationPolicy(K_MAX, prior_load=flat)
     keys = [f"b{i}/s" for i in range(4)]
     at = 0.0
-    for drafted in [0] * 4 + [8] * 4:  # plain passes at 20 tokens a pass of 0.2 s, then drafting
+    for drafted in [0] * 4 + [8] * 4:  # plain passes at 4 tokens a pass of 0.2 s, then drafting
         at += 0.2
-        committed = 20 if not drafted else round(20 * drafting_delivers)
-        policy.observe_batch(4 + drafted, 0.2, drafted, committed, sessions=20, at=at)
+        committed = 4 if not drafted else round(4 * drafting_delivers)
+        policy.observe_batch(4 + drafted, 0.2, drafted, committed, sessions=4, at=at)
     for key in keys:
         policy.observe_verdict(key, key.split("/")[0], 4, 3, draft_ms=5.0, rtt_s=0.005)
     ks = [policy.next_k(key, pending_sessions=4) for key in keys]
