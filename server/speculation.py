@@ -11,7 +11,6 @@ in full), with sessions j in lockstep rounds of drafting, round trip and one for
                (= (1 - alpha^(k+1)) / (1 - alpha) when every a_ji = alpha)
     T        = sum_j (k_j + 1)                            tokens in the forward pass
     V(T)     = c0 + c1 * max(0, T - knee)                 verification seconds
-                  + c_low * min(0, T - knee)
     rate(ks) = sum_j E_j(k_j) / ([k_j > 0] (k_j * t_j + rtt_j) + V(T))
 
 `plan_batch` maximises rate(ks). Under heavy load every drafted token slows the pass more than
@@ -80,29 +79,19 @@ LOAD_PARAMETER_PENALTY = 3.0
 @dataclass(frozen=True)
 class LoadModel:
     """Seconds of one verification forward pass over T tokens (all sessions' drafts plus one
-    token each): `c0_s` at `knee_tokens`, `c1_s` per token past it, and `c_low_s` per token
-    below it. A memory-bound pass is flat below the knee (`c_low_s` = 0, the roofline's
-    shape); a CPU whose single-token pass takes a fast matrix-vector path pays a steep first
-    few tokens and little for each one after (`c_low_s` > `c1_s`: measured on a 2-CPU AVX2
-    server, 440 ms for one token, 900 for two, 1250 for eight)."""
+    token each): flat at `c0_s` while memory-bound, then `c1_s` per token past `knee_tokens`."""
 
     c0_s: float
     knee_tokens: float
     c1_s: float
-    c_low_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.c0_s <= 0 or self.knee_tokens < 0 or self.c1_s < 0 or self.c_low_s < 0:
-            raise ValueError(
-                f"a load model needs c0 > 0, knee >= 0, c1 >= 0 and c_low >= 0, got {self}"
-            )
-        if self.c0_s - self.c_low_s * max(0.0, self.knee_tokens - 1) <= 0:
-            raise ValueError(f"a load model must cost time for one token, got {self}")
+        if self.c0_s <= 0 or self.knee_tokens < 0 or self.c1_s < 0:
+            raise ValueError(f"a load model needs c0 > 0, knee >= 0 and c1 >= 0, got {self}")
 
     def seconds(self, tokens: np.ndarray) -> np.ndarray:
-        offset = np.asarray(tokens, dtype=float) - self.knee_tokens
-        return (
-            self.c0_s + self.c1_s * np.maximum(0.0, offset) + self.c_low_s * np.minimum(0.0, offset)
+        return self.c0_s + self.c1_s * np.maximum(
+            0.0, np.asarray(tokens, dtype=float) - self.knee_tokens
         )
 
 
@@ -125,9 +114,7 @@ def fit_load_model(
     - one line over everything seen (the knee lies below the smallest batch seen);
     - a roofline max(c0, c1*T), split at each observed count;
     - a hinge at each observed count: the floor is the mean below it, the slope a
-      least-squares line through (knee, floor) above it;
-    - a bend at each observed count: one least-squares slope below it and a shallower one
-      above (a pass whose first tokens cost most).
+      least-squares line through (knee, floor) above it.
     The winner has the lowest information criterion m*log(SSE/m) + penalty*parameters over the
     m distinct counts, with a noise floor in the SSE so timing jitter is never taken for a knee.
     """
@@ -161,8 +148,6 @@ def fit_load_model(
         candidates.append((_best_roofline(t, y, w), 2))
     if m >= 5:
         candidates.append((_best_hinge(t, y, w), 3))
-    if m >= 4 and (bend := _best_bend(t, y, w)) is not None:
-        candidates.append((bend, 4))
     scores = [score(model, parameters) for model, parameters in candidates]
     return candidates[int(np.argmin(np.round(scores, 9)))][0]  # a tie keeps the simpler
 
@@ -209,25 +194,6 @@ def _best_hinge(t: np.ndarray, y: np.ndarray, w: np.ndarray) -> LoadModel:
     rr = yy_hi - 2 * c0 * y_hi + c0**2 * w_hi  # sum w (y - c0)^2 above the knee
     best = int(np.argmin(sse_low + rr - 2 * c1 * dr + c1**2 * dd))
     return LoadModel(max(float(c0[best]), 1e-6), float(kappa[best]), float(c1[best]))
-
-
-def _best_bend(t: np.ndarray, y: np.ndarray, w: np.ndarray) -> LoadModel | None:
-    """The least-squares continuous two-slope line, bent at a count with at least one count on
-    each side, whose slope past the bend is no steeper than before it (the steeper-after shape
-    is the hinge's); None when no bend is concave. Few counts are seen (tens at most), so
-    every bend is one small least-squares solve."""
-    best: tuple[float, LoadModel] | None = None
-    root_w = np.sqrt(w)
-    for knee in t[1:-1]:
-        below, above = np.minimum(0.0, t - knee), np.maximum(0.0, t - knee)
-        design = np.stack([np.ones_like(t), above, below], axis=1) * root_w[:, None]
-        (c0, c1, c_low), *_ = np.linalg.lstsq(design, y * root_w, rcond=None)
-        if not 0 <= c1 <= c_low or c0 - c_low * (knee - 1) <= 0:
-            continue
-        sse = float(np.sum((design @ np.array([c0, c1, c_low]) - y * root_w) ** 2))
-        if best is None or sse < best[0]:
-            best = (sse, LoadModel(float(c0), float(knee), float(c1), float(c_low)))
-    return None if best is None else best[1]
 
 
 def _suffix(prefix: np.ndarray) -> np.ndarray:
@@ -290,7 +256,7 @@ class LoadEstimator:
 
 
 def _scaled(model: LoadModel, factor: float) -> LoadModel:
-    return LoadModel(model.c0_s * factor, model.knee_tokens, model.c1_s * factor, model.c_low_s * factor)
+    return LoadModel(model.c0_s * factor, model.knee_tokens, model.c1_s * factor)
 
 
 class RealizedRates:
