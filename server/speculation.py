@@ -423,9 +423,8 @@ class _Batch:
     def tokens(self, ks: np.ndarray) -> float:
         return float(len(ks) + self.plain + self.fill @ ks)
 
-    def plain_rate(self, verify_s: np.ndarray, round_trip_s: float | None = None) -> np.ndarray:
-        trip = self.plain_round_trip_s if round_trip_s is None else round_trip_s
-        return self.plain / (trip + verify_s)
+    def plain_rate(self, verify_s: np.ndarray, round_trip_s: float) -> np.ndarray:
+        return self.plain / (round_trip_s + verify_s)
 
     def rate(self, ks: np.ndarray, hand_off: bool = True) -> float:
         """With `hand_off`, a session at k = 0 is decoded by the server alone: its rounds
@@ -439,7 +438,7 @@ class _Batch:
         own = self.committed[self.rows, ks] / (overhead + verify)
         # Handed over, the sessions without estimates are decoded by the server too: no round
         # trip. While others draft, each of their passes waits out a drafting round.
-        trip = 0.0 if hand_off and not ks.any() else None
+        trip = 0.0 if hand_off and not ks.any() else self.plain_round_trip_s
         return float(own.sum() + self.plain_rate(verify, trip))
 
 
@@ -502,8 +501,8 @@ def plan_batch(
         )
         slowed = (
             (slowed * others).sum(axis=1)
-            + batch.plain_rate(verify_after)
-            - batch.plain_rate(verify)
+            + batch.plain_rate(verify_after, batch.plain_round_trip_s)
+            - batch.plain_rate(verify, batch.plain_round_trip_s)
         )
         gain = own + slowed
         # A token must add at least this share of its own session's rate.
