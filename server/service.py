@@ -125,6 +125,9 @@ class VerificationService:
         self.routes: dict[str, Route] = {}
         self.stats = ServiceStats()
         self.speculation = make_policy(settings.server.speculation, engine.k_max)
+        # Seconds spent prefilling opened sessions since the last pass (the k policy leaves
+        # them out of what rounds delivered: every request pays them once).
+        self._prefill_s = 0.0
         # Whether this server is in the shared subscription that claims opens (see
         # _update_claiming); read by the network thread on reconnect.
         self._claiming = True
@@ -361,7 +364,9 @@ class VerificationService:
             # every slot of the server from the others.
             self._reject(device, session, message.seq, "busy", f"{device} holds {held} sessions, the most one board may hold")
             return None
+        started = time.perf_counter()
         result = self.engine.open(key, message.context, message.params, generated=message.generated)
+        self._prefill_s += time.perf_counter() - started
         if result.status != "ok":
             code = "busy" if result.status == "busy" else "invalid"
             self._reject(device, session, message.seq, code, result.reason or code)
@@ -429,8 +434,9 @@ class VerificationService:
         drafted = sum(len(m.tokens) for _, m, _ in verified)
         committed = sum(len(v.tokens) for _, _, v in verified)
         self.speculation.observe_batch(
-            drafted + len(verified), verify_s, drafted, committed, len(self.routes)
+            drafted + len(verified), verify_s, drafted, committed, len(self.routes), prefill_s=self._prefill_s
         )
+        self._prefill_s = 0.0
         for route, message, verdict in verified:
             if route.decoded_here:  # no draft, no round trip: nothing to learn about the board
                 continue

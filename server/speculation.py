@@ -22,6 +22,7 @@ measures (`observe_batch`, `observe_verdict`) and asks `next_k` when it publishe
 `SpeculationPolicy` is not thread-safe: the service's scheduler thread owns it.
 """
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
+from fleet.logging import get_logger
 
 PolicyKind = Literal["adaptive", "fixed", "off"]
 
@@ -79,20 +82,26 @@ LOAD_PARAMETER_PENALTY = 3.0
 @dataclass(frozen=True)
 class LoadModel:
     """Seconds of one verification forward pass over T tokens (all sessions' drafts plus one
-    token each): flat at `c0_s` while memory-bound, then `c1_s` per token past `knee_tokens`."""
+    token each): flat at `c0_s` while memory-bound, then `c1_s` per token past `knee_tokens`.
+    `single_s`, when set, is what a pass over one token costs: a matrix-vector product, which
+    CPU BLAS runs on another kernel than the matrix products of two tokens or more (on the
+    AVX2 servers measured, a 1-token pass cost a third of a 2-token one; docs/speculation.md)."""
 
     c0_s: float
     knee_tokens: float
     c1_s: float
+    single_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.c0_s <= 0 or self.knee_tokens < 0 or self.c1_s < 0:
             raise ValueError(f"a load model needs c0 > 0, knee >= 0 and c1 >= 0, got {self}")
+        if self.single_s is not None and not self.single_s > 0:
+            raise ValueError(f"a 1-token pass must cost more than 0 s, got {self.single_s}")
 
     def seconds(self, tokens: np.ndarray) -> np.ndarray:
-        return self.c0_s + self.c1_s * np.maximum(
-            0.0, np.asarray(tokens, dtype=float) - self.knee_tokens
-        )
+        tokens = np.asarray(tokens, dtype=float)
+        batched = self.c0_s + self.c1_s * np.maximum(0.0, tokens - self.knee_tokens)
+        return batched if self.single_s is None else np.where(tokens <= 1, self.single_s, batched)
 
 
 # Roofline-shaped prior (past the knee each token costs the floor spread over the knee's
@@ -106,6 +115,26 @@ def fit_load_model(
 ) -> LoadModel:
     """The load model that best explains measured (tokens in batch, verify seconds) pairs.
 
+    One-token passes are set apart once larger ones were measured too: their median becomes
+    `single_s` (unless it is no cheaper than the fit of the others prices one token) and the
+    shape is fitted to the rest. A matrix-vector product's cost says nothing of how a matrix
+    product's grows: fitted together, the step from 1 to 2 tokens of a CPU server passed for a
+    slope, and the plan priced each drafted token at 0.21 s where it cost about 0.05 s."""
+    t_all = np.asarray(tokens, dtype=float)
+    y_all = np.asarray(seconds, dtype=float)
+    single = t_all <= 1
+    if not single.any() or single.all():
+        return _fit_batched(t_all, y_all, prior)
+    batched = _fit_batched(t_all[~single], y_all[~single], prior)
+    alone = float(np.median(y_all[single]))
+    if alone >= float(batched.seconds(np.array(1.0))):
+        return batched
+    return dataclasses.replace(batched, single_s=alone)
+
+
+def _fit_batched(t_all: np.ndarray, y_all: np.ndarray, prior: LoadModel) -> LoadModel:
+    """The fit of `fit_load_model`, over passes of any size.
+
     Samples are reduced to the median per token count (robust to a scheduler hiccup on a
     shared machine). Candidates, simplest first:
     - the prior's shape scaled to the data (one parameter: what little data can support);
@@ -118,8 +147,6 @@ def fit_load_model(
     The winner has the lowest information criterion m*log(SSE/m) + penalty*parameters over the
     m distinct counts, with a noise floor in the SSE so timing jitter is never taken for a knee.
     """
-    t_all = np.asarray(tokens, dtype=float)
-    y_all = np.asarray(seconds, dtype=float)
     if t_all.size == 0:
         return prior
     order = np.lexsort((y_all, t_all))  # by token count, then seconds: medians by position
@@ -256,14 +283,22 @@ class LoadEstimator:
 
 
 def _scaled(model: LoadModel, factor: float) -> LoadModel:
-    return LoadModel(model.c0_s * factor, model.knee_tokens, model.c1_s * factor)
+    single = None if model.single_s is None else model.single_s * factor
+    return LoadModel(model.c0_s * factor, model.knee_tokens, model.c1_s * factor, single)
 
 
 class RealizedRates:
-    """What each kind of round really delivered: committed tokens per second per open session,
-    over the last `REALIZED_PASSES` passes with drafted tokens and as many without. A pass's
+    """What each kind of plan really delivered: committed tokens per second per open session,
+    over the last `REALIZED_PASSES` passes made while some session was told to draft and as
+    many while none was. By the plan, not by each pass's content: while a few sessions draft
+    beside handed-over ones, passes without their drafts come between those with them, and
+    counted as plain decoding those made it look worse than it is (0.33 tokens/s a session
+    at 8 boards in a probe run, where a plain plan gave 0.40). A pass's
     time is the time since the previous pass ended (drafting, round trips and holds
-    included), so the figure is what the fleet got, whatever the plan's model says."""
+    included), so the figure is what the fleet got, whatever the plan's model says; less the
+    prefill of sessions opened meanwhile, which every request pays once whatever is planned
+    (counted, it fell on whichever kind of pass the boards opened with, mostly drafting ones:
+    one prefill among a few drafting passes was enough to hand a fleet over)."""
 
     def __init__(self) -> None:
         self._kinds: dict[bool, deque[tuple[float, float]]] = {
@@ -271,9 +306,11 @@ class RealizedRates:
         }
         self._last: float | None = None
 
-    def observe(self, drafted: bool, committed: int, sessions: int, at: float) -> None:
-        if self._last is not None and at > self._last and sessions > 0:
-            self._kinds[drafted].append((at - self._last, committed / sessions))
+    def observe(
+        self, drafted: bool, committed: int, sessions: int, at: float, prefill_s: float = 0.0
+    ) -> None:
+        if self._last is not None and at - prefill_s > self._last and sessions > 0:
+            self._kinds[drafted].append((at - prefill_s - self._last, committed / sessions))
         self._last = at
 
     def rate(self, drafted: bool) -> float | None:
@@ -576,6 +613,7 @@ class SpeculationPolicy:
         self._probe_every = PROBE_FIRST
         self._plan: dict[str, int] = {}
         self._planned_for = 0  # the pending_sessions the plan was made for
+        self.log = get_logger(component="speculation")
 
     def observe_batch(
         self,
@@ -585,12 +623,18 @@ class SpeculationPolicy:
         committed: int = 0,
         sessions: int = 0,
         at: float | None = None,
+        prefill_s: float = 0.0,
     ) -> None:
         """One forward pass: `total_tokens` = sum over its sessions of (drafted + 1), of which
         `drafted` were drafted tokens; it committed `committed` tokens with `sessions` open,
-        and ended `at` (monotonic seconds; now when None)."""
+        and ended `at` (monotonic seconds; now when None); since the previous pass the server
+        spent `prefill_s` prefilling the contexts of sessions opened."""
         self.load.observe(total_tokens, verify_s, drafted > 0)
-        self.realized.observe(drafted > 0, committed, sessions, time.monotonic() if at is None else at)
+        # What rounds delivered is judged by the plan in force (any session told to draft),
+        # not by this pass's content: see RealizedRates.
+        planned_drafting = any(self._suggested.values())
+        ended = time.monotonic() if at is None else at
+        self.realized.observe(planned_drafting, committed, sessions, ended, prefill_s)
         self._plan = {}
 
     def observe_verdict(
@@ -633,6 +677,11 @@ class SpeculationPolicy:
             ks = self._probe(ks, lambda: plan_batch(estimates, plain_cost, self.k_max, plain, typical))
             self._plan = dict(zip(keys, ks, strict=True))
             self._planned_for = pending_sessions
+            self.log.debug(
+                "batch_planned", sessions=len(keys), plain=plain, drafted=sum(ks), k_top=max(ks, default=0),
+                probe=self._probe_drafts, realized_drafting=self.realized.rate(True),
+                realized_plain=self.realized.rate(False), drafting_cost=cost, plain_cost=plain_cost,
+            )
         return self._plan[session_key]
 
     def _probe(self, ks: list[int], drafting: Callable[[], list[int]]) -> list[int]:
