@@ -517,9 +517,16 @@ def plan_batch(
     shares them by marginal value (optimal when each session's gain is concave in k, as
     geometric acceptance makes it). `cost` prices passes with drafted tokens, `plain_cost`
     (default: the same) passes without, for the final choice of handing the batch over.
+    A lone session whose one-token pass is priced apart (`LoadModel.single_s`) climbs from
+    k = 1 instead: the step to a matrix product is not concave, and no single token pays it.
     """
     batch = _Batch(sessions, cost, k_max, plain_sessions, plain_round_trip_s, plain_cost)
     ks = np.zeros(len(sessions), dtype=int)
+    if cost.single_s is not None and batch.tokens(ks) <= 1 and batch.k_max > 0:
+        # A lone session whose one-token pass is priced apart: its first drafted token pays
+        # the step to a matrix product, which no single token earns back but a long enough
+        # draft may; climb from there (the hand-off check below still compares with plain).
+        ks[:] = 1
     others = ~np.eye(len(ks), dtype=bool)
     while len(ks):
         overhead = batch.round_trip_s + batch.step_s * ks

@@ -142,7 +142,19 @@ def test_a_one_token_pass_is_priced_apart() -> None:
     assert fitted.seconds(np.array([2, 10, 40])) == pytest.approx(AVX2.seconds(np.array([2, 10, 40])), rel=0.1)
     ks = plan_batch([session(0.7, draft_step_s=0.067)] * 4, fitted, K_MAX)
     assert min(ks) > 0, ks
-    assert plan_batch([session(0.7, draft_step_s=0.067)], fitted, K_MAX) == [0]  # 1 token is cheap
+
+
+@pytest.mark.parametrize(("alpha", "drafts"), [(0.7, False), (0.9, True)])
+def test_a_lone_session_drafts_past_the_step_only_where_that_pays(alpha: float, drafts: bool) -> None:
+    """One session on the AVX2 shape: its first drafted token triples the pass, which no
+    single token earns back. A draft model right 9 times in 10 earns it back with a long
+    draft (the ascent, climbing from plain decoding one token at a time, never got there);
+    one right 7 times in 10 does not, and the session is decoded plain."""
+    estimate = session(alpha, draft_step_s=0.067)
+    k = plan_batch([estimate], AVX2, K_MAX)[0]
+    rates = [batch_rate([estimate], [j], AVX2) for j in range(K_MAX + 1)]
+    assert (k > 0) == drafts, k
+    assert rates[k] >= 0.99 * max(rates), (k, rates)
 
 
 def test_a_one_token_pass_no_cheaper_than_the_rest_is_not_set_apart() -> None:
