@@ -618,6 +618,9 @@ class SpeculationPolicy:
         self._probe_left = 0
         self._chosen_before_probe = False
         self._probe_every = PROBE_FIRST
+        # Handed over because plain rounds delivered at least as much (see _probe): held so
+        # until a drafting probe has measured drafting again.
+        self._outdone = False
         self._plan: dict[str, int] = {}
         self._planned_for = 0  # the pending_sessions the plan was made for
         self.log = get_logger(component="speculation")
@@ -705,12 +708,17 @@ class SpeculationPolicy:
         pays on this server (a fresh server's first passes are plain anyway: boards open
         their sessions without a draft). And where drafting rounds have recently delivered
         less per session than plain ones (`RealizedRates`), the batch is handed over whatever
-        the model says: the model assumes lockstep rounds that a real fleet may not keep."""
+        the model says: the model assumes lockstep rounds that a real fleet may not keep. It
+        stays handed over until a drafting probe has measured drafting again: judged afresh
+        at every plan, two kinds that deliver about the same swapped places pass after pass
+        (measured: 4 boards alternating drafting and plain plans for a whole window, each
+        switch costing the boards a catch-up)."""
+        if self._probe_drafts and not self._probe_left:
+            self._outdone = False  # the first plan after a drafting probe judges afresh
         drafting_rate, plain_rate = self.realized.rate(True), self.realized.rate(False)
-        outdone = (
-            drafting_rate is not None and plain_rate is not None and plain_rate >= drafting_rate
-        )
-        if not self.load.measured(drafted=True) or outdone:
+        if drafting_rate is not None and plain_rate is not None and plain_rate >= drafting_rate:
+            self._outdone = True
+        if not self.load.measured(drafted=True) or self._outdone:
             ks = [0] * len(ks)
         chosen = any(ks)
         if self._probe_left:

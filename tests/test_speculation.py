@@ -576,6 +576,25 @@ def test_what_rounds_delivered_overrules_the_model(drafting_delivers: float) -> 
     assert (max(ks) == 0) if drafting_delivers < 1 else (min(ks) > 0), ks
 
 
+def test_a_hand_over_on_what_rounds_delivered_holds_until_drafting_is_probed() -> None:
+    """Drafting rounds that delivered less than plain ones hand the batch over; the plain
+    rounds after it deliver less again, below what drafting did (the same fleet, noise), but
+    the plan does not swap back at once: it stays plain until its drafting probe."""
+    flat = LoadModel(c0_s=0.2, knee_tokens=16, c1_s=0.005)
+    policy = SpeculationPolicy(K_MAX, prior_load=flat)
+    ks = _drive(policy, 10, drafting_delivers=0.75)
+    assert max(ks) == 0, ks
+    drafted_in = []
+    for n in range(PROBE_FIRST + PROBE_PASSES):
+        policy.observe_batch(4 + sum(ks), 0.2, sum(ks), committed=2, sessions=4, at=100.0 + 0.2 * n)
+        for key in [f"b{i}/s" for i in range(4)]:
+            policy.observe_verdict(key, key.split("/")[0], 4, 3, draft_ms=5.0, rtt_s=0.005)
+        ks = [policy.next_k(f"b{i}/s", pending_sessions=4) for i in range(4)]
+        drafted_in.append(sum(ks) > 0)
+    assert not any(drafted_in[: PROBE_FIRST - 3]), drafted_in
+    assert any(drafted_in), "drafting is probed again"
+
+
 def test_prefill_is_not_charged_to_the_rounds_that_opened_sessions() -> None:
     """Drafting rounds that deliver 1.4 times what plain ones do, each after 0.6 s of
     prefilling a new session (three times the pass): the prefill is left out of what they
