@@ -301,7 +301,7 @@ class RealizedRates:
     one prefill among a few drafting passes was enough to hand a fleet over)."""
 
     def __init__(self) -> None:
-        self._kinds: dict[bool, deque[tuple[float, float]]] = {
+        self._kinds: dict[bool, deque[tuple[float, float, int]]] = {
             kind: deque(maxlen=REALIZED_PASSES) for kind in (True, False)
         }
         self._last: float | None = None
@@ -310,12 +310,20 @@ class RealizedRates:
         self, drafted: bool, committed: int, sessions: int, at: float, prefill_s: float = 0.0
     ) -> None:
         if self._last is not None and at - prefill_s > self._last and sessions > 0:
-            self._kinds[drafted].append((at - prefill_s - self._last, committed / sessions))
+            self._kinds[drafted].append((at - prefill_s - self._last, committed / sessions, sessions))
         self._last = at
 
-    def rate(self, drafted: bool) -> float | None:
-        """Tokens per second per session; None with fewer than `REALIZED_MIN` passes."""
-        passes = self._kinds[drafted]
+    def rate(self, drafted: bool, sessions: int | None = None) -> float | None:
+        """Tokens per second per session over the passes made with about `sessions` open
+        (within a quarter, and at least one, either way; all passes when None): a session's
+        share of a pass depends on how many share it (counted together, the plain passes of
+        a one-session warm-up, 1.8 tokens/s a session, held 4 boards at plain decoding
+        against drafting's 0.9). None with fewer than `REALIZED_MIN` such passes."""
+        passes = [
+            (seconds, tokens)
+            for seconds, tokens, open_sessions in self._kinds[drafted]
+            if sessions is None or abs(open_sessions - sessions) <= max(1.0, sessions / 4)
+        ]
         if len(passes) < REALIZED_MIN:
             return None
         return sum(tokens for _, tokens in passes) / sum(seconds for seconds, _ in passes)
@@ -684,17 +692,20 @@ class SpeculationPolicy:
             typical = float(np.mean([e.round_trip_s for e in estimates]))
             cost, plain_cost = self.load.costs()
             ks = plan_batch(estimates, cost, self.k_max, plain, typical, plain_cost)
-            ks = self._probe(ks, lambda: plan_batch(estimates, plain_cost, self.k_max, plain, typical))
+            ks = self._probe(
+                ks, lambda: plan_batch(estimates, plain_cost, self.k_max, plain, typical), pending_sessions
+            )
             self._plan = dict(zip(keys, ks, strict=True))
             self._planned_for = pending_sessions
             self.log.debug(
                 "batch_planned", sessions=len(keys), plain=plain, drafted=sum(ks), k_top=max(ks, default=0),
-                probe=self._probe_drafts, realized_drafting=self.realized.rate(True),
-                realized_plain=self.realized.rate(False), drafting_cost=cost, plain_cost=plain_cost,
+                probe=self._probe_drafts, realized_drafting=self.realized.rate(True, pending_sessions),
+                realized_plain=self.realized.rate(False, pending_sessions), drafting_cost=cost,
+                plain_cost=plain_cost,
             )
         return self._plan[session_key]
 
-    def _probe(self, ks: list[int], drafting: Callable[[], list[int]]) -> list[int]:
+    def _probe(self, ks: list[int], drafting: Callable[[], list[int]], sessions: int) -> list[int]:
         """The plan, or for `PROBE_PASSES` passes the other kind of round: plain decoding
         (every session handed over) after drafting, and after plain passes, drafting as the
         plan would choose it if both kinds cost the same (`drafting`; none if even then it does
@@ -715,7 +726,7 @@ class SpeculationPolicy:
         switch costing the boards a catch-up)."""
         if self._probe_drafts and not self._probe_left:
             self._outdone = False  # the first plan after a drafting probe judges afresh
-        drafting_rate, plain_rate = self.realized.rate(True), self.realized.rate(False)
+        drafting_rate, plain_rate = self.realized.rate(True, sessions), self.realized.rate(False, sessions)
         if drafting_rate is not None and plain_rate is not None and plain_rate >= drafting_rate:
             self._outdone = True
         if not self.load.measured(drafted=True) or self._outdone:

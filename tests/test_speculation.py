@@ -595,6 +595,27 @@ def test_a_hand_over_on_what_rounds_delivered_holds_until_drafting_is_probed() -
     assert any(drafted_in), "drafting is probed again"
 
 
+def test_what_rounds_delivered_is_compared_at_the_same_load() -> None:
+    """Plain passes of a one-session warm-up deliver more per session than 4 sessions' passes
+    can: they are not held against drafting rounds of 4 sessions."""
+    flat = LoadModel(c0_s=0.2, knee_tokens=16, c1_s=0.005)
+    policy = SpeculationPolicy(K_MAX, prior_load=flat)
+    keys = [f"b{i}/s" for i in range(4)]
+    at, ks = 0.0, [0] * 4
+    for n in range(12):
+        at += 0.2
+        if n < 5:
+            policy.observe_batch(1, 0.2, 0, committed=1, sessions=1, at=at)
+            continue
+        drafted = 8 if n == 5 else sum(ks)
+        policy.observe_batch(4 + drafted, 0.2, drafted, committed=3 if any(ks) else 4, sessions=4, at=at)
+        for key in keys:
+            policy.observe_verdict(key, key.split("/")[0], 4, 3, draft_ms=5.0, rtt_s=0.005)
+        ks = [policy.next_k(key, pending_sessions=4) for key in keys]
+    assert policy.realized.rate(False) is not None and policy.realized.rate(False, 4) is None
+    assert min(ks) > 0, ks
+
+
 def test_prefill_is_not_charged_to_the_rounds_that_opened_sessions() -> None:
     """Drafting rounds that deliver 1.4 times what plain ones do, each after 0.6 s of
     prefilling a new session (three times the pass): the prefill is left out of what they
@@ -603,7 +624,7 @@ def test_prefill_is_not_charged_to_the_rounds_that_opened_sessions() -> None:
     flat = LoadModel(c0_s=0.2, knee_tokens=16, c1_s=0.005)
     policy = SpeculationPolicy(K_MAX, prior_load=flat)
     ks = _drive(policy, 10, drafting_delivers=1.4, prefill_s=0.6)
-    assert policy.realized.rate(True) == pytest.approx(1.4 * policy.realized.rate(False), rel=0.1)
+    assert policy.realized.rate(True, 4) == pytest.approx(1.4 * policy.realized.rate(False, 4), rel=0.1)
     assert min(ks) > 0, ks
 
 
