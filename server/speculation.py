@@ -309,8 +309,8 @@ class RealizedRates:
     def observe(
         self, drafted: bool, committed: int, sessions: int, at: float, prefill_s: float = 0.0
     ) -> None:
-        if self._last is not None and at - prefill_s > self._last and sessions > 0:
-            self._kinds[drafted].append((at - prefill_s - self._last, committed / sessions, sessions))
+        if self._last is not None and sessions > 0 and (seconds := at - prefill_s - self._last) > 0:
+            self._kinds[drafted].append((seconds, committed / sessions, sessions))
         self._last = at
 
     def rate(self, drafted: bool, sessions: int | None = None) -> float | None:
@@ -692,20 +692,20 @@ class SpeculationPolicy:
             typical = float(np.mean([e.round_trip_s for e in estimates]))
             cost, plain_cost = self.load.costs()
             ks = plan_batch(estimates, cost, self.k_max, plain, typical, plain_cost)
-            ks = self._probe(
-                ks, lambda: plan_batch(estimates, plain_cost, self.k_max, plain, typical), pending_sessions
-            )
+            realized = self.realized.rate(True, pending_sessions), self.realized.rate(False, pending_sessions)
+            ks = self._probe(ks, lambda: plan_batch(estimates, plain_cost, self.k_max, plain, typical), realized)
             self._plan = dict(zip(keys, ks, strict=True))
             self._planned_for = pending_sessions
             self.log.debug(
                 "batch_planned", sessions=len(keys), plain=plain, drafted=sum(ks), k_top=max(ks, default=0),
-                probe=self._probe_drafts, realized_drafting=self.realized.rate(True, pending_sessions),
-                realized_plain=self.realized.rate(False, pending_sessions), drafting_cost=cost,
-                plain_cost=plain_cost,
+                probe=self._probe_drafts, realized_drafting=realized[0], realized_plain=realized[1],
+                drafting_cost=cost, plain_cost=plain_cost,
             )
         return self._plan[session_key]
 
-    def _probe(self, ks: list[int], drafting: Callable[[], list[int]], sessions: int) -> list[int]:
+    def _probe(
+        self, ks: list[int], drafting: Callable[[], list[int]], realized: tuple[float | None, float | None]
+    ) -> list[int]:
         """The plan, or for `PROBE_PASSES` passes the other kind of round: plain decoding
         (every session handed over) after drafting, and after plain passes, drafting as the
         plan would choose it if both kinds cost the same (`drafting`; none if even then it does
@@ -718,7 +718,8 @@ class SpeculationPolicy:
         pass has been measured, the plan decodes plain: speculation must first show that it
         pays on this server (a fresh server's first passes are plain anyway: boards open
         their sessions without a draft). And where drafting rounds have recently delivered
-        less per session than plain ones (`RealizedRates`), the batch is handed over whatever
+        less per session than plain ones (`realized`: what each kind delivered at the present
+        load, from `RealizedRates`), the batch is handed over whatever
         the model says: the model assumes lockstep rounds that a real fleet may not keep. It
         stays handed over until a drafting probe has measured drafting again: judged afresh
         at every plan, two kinds that deliver about the same swapped places pass after pass
@@ -726,7 +727,7 @@ class SpeculationPolicy:
         switch costing the boards a catch-up)."""
         if self._probe_drafts and not self._probe_left:
             self._outdone = False  # the first plan after a drafting probe judges afresh
-        drafting_rate, plain_rate = self.realized.rate(True, sessions), self.realized.rate(False, sessions)
+        drafting_rate, plain_rate = realized
         if drafting_rate is not None and plain_rate is not None and plain_rate >= drafting_rate:
             self._outdone = True
         if not self.load.measured(drafted=True) or self._outdone:
