@@ -543,6 +543,18 @@ def test_a_fresh_server_decodes_plain_until_drafting_is_measured() -> None:
     assert chosen == [False] * PROBE_FIRST + [True] * 6, chosen
 
 
+FOUR = [f"b{i}/s" for i in range(4)]
+
+
+def _pass(policy: SpeculationPolicy, drafted: int, committed: int, at: float, prefill_s: float = 0.0) -> list[int]:
+    """One pass of 0.2 s over the 4 sessions of `FOUR` as the service reports it: the batch,
+    each session's verdict, then the ks of the next pass."""
+    policy.observe_batch(4 + drafted, 0.2, drafted, committed, sessions=4, at=at, prefill_s=prefill_s)
+    for key in FOUR:
+        policy.observe_verdict(key, key.split("/")[0], 4, 3, draft_ms=5.0, rtt_s=0.005)
+    return [policy.next_k(key, pending_sessions=4) for key in FOUR]
+
+
 def _drive(
     policy: SpeculationPolicy, passes: int, drafting_delivers: float, prefill_s: float = 0.0
 ) -> list[int]:
@@ -552,17 +564,12 @@ def _drive(
     `drafting_delivers` times what plain ones do, after `prefill_s` of prefilling each (a
     session opened before each); at pass 4 the boards open sessions with a draft, so that
     drafting is measured. Returns the last ks."""
-    keys = [f"b{i}/s" for i in range(4)]
     at, ks = 0.0, [0] * 4
     for n in range(passes):
-        drafted = 8 if n == 4 else sum(ks)
         prefill = prefill_s if any(ks) else 0.0
         at += 0.2 + prefill
         committed = round(4 * drafting_delivers) if any(ks) else 4
-        policy.observe_batch(4 + drafted, 0.2, drafted, committed, sessions=4, at=at, prefill_s=prefill)
-        for key in keys:
-            policy.observe_verdict(key, key.split("/")[0], 4, 3, draft_ms=5.0, rtt_s=0.005)
-        ks = [policy.next_k(key, pending_sessions=4) for key in keys]
+        ks = _pass(policy, 8 if n == 4 else sum(ks), committed, at, prefill)
     return ks
 
 
@@ -586,10 +593,7 @@ def test_a_hand_over_on_what_rounds_delivered_holds_until_drafting_is_probed() -
     assert max(ks) == 0, ks
     drafted_in = []
     for n in range(PROBE_FIRST + PROBE_PASSES):
-        policy.observe_batch(4 + sum(ks), 0.2, sum(ks), committed=2, sessions=4, at=100.0 + 0.2 * n)
-        for key in [f"b{i}/s" for i in range(4)]:
-            policy.observe_verdict(key, key.split("/")[0], 4, 3, draft_ms=5.0, rtt_s=0.005)
-        ks = [policy.next_k(f"b{i}/s", pending_sessions=4) for i in range(4)]
+        ks = _pass(policy, sum(ks), committed=2, at=100.0 + 0.2 * n)
         drafted_in.append(sum(ks) > 0)
     assert not any(drafted_in[: PROBE_FIRST - 3]), drafted_in
     assert any(drafted_in), "drafting is probed again"
@@ -600,18 +604,13 @@ def test_what_rounds_delivered_is_compared_at_the_same_load() -> None:
     can: they are not held against drafting rounds of 4 sessions."""
     flat = LoadModel(c0_s=0.2, knee_tokens=16, c1_s=0.005)
     policy = SpeculationPolicy(K_MAX, prior_load=flat)
-    keys = [f"b{i}/s" for i in range(4)]
     at, ks = 0.0, [0] * 4
     for n in range(12):
         at += 0.2
         if n < 5:
             policy.observe_batch(1, 0.2, 0, committed=1, sessions=1, at=at)
             continue
-        drafted = 8 if n == 5 else sum(ks)
-        policy.observe_batch(4 + drafted, 0.2, drafted, committed=3 if any(ks) else 4, sessions=4, at=at)
-        for key in keys:
-            policy.observe_verdict(key, key.split("/")[0], 4, 3, draft_ms=5.0, rtt_s=0.005)
-        ks = [policy.next_k(key, pending_sessions=4) for key in keys]
+        ks = _pass(policy, 8 if n == 5 else sum(ks), committed=3 if any(ks) else 4, at=at)
     assert policy.realized.rate(False) is not None and policy.realized.rate(False, 4) is None
     assert min(ks) > 0, ks
 
