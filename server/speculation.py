@@ -13,8 +13,9 @@ in full), with sessions j in lockstep rounds of drafting, round trip and one for
     V(T)     = c0 + c1 * max(0, T - knee)                 verification seconds
     rate(ks) = sum_j E_j(k_j) / ([k_j > 0] (k_j * t_j + rtt_j) + V(T))
 
-`plan_batch` maximises rate(ks). Under heavy load every drafted token slows the pass more than
-it gains and all ks fall to 0: the server then decodes those sessions alone, with no drafting
+`plan_batch` maximises rate(ks), then checks its plan as the service runs it (a drafter beside
+sessions handed over waits out a pass: `_prefer_hand_off`). Under heavy load every drafted
+token slows the pass more than it gains and all ks fall to 0: the server then decodes those sessions alone, with no drafting
 and no round trip (the hand-off), which is plain continuous batching, the server alone.
 
 Everything here is plain arithmetic on estimates; the service feeds the estimators with what it
@@ -471,15 +472,33 @@ class _Batch:
     def plain_rate(self, verify_s: np.ndarray, round_trip_s: float) -> np.ndarray:
         return self.plain / (round_trip_s + verify_s)
 
+    @staticmethod
+    def _beside_handed_over(ks: np.ndarray, overhead: np.ndarray, verify: float) -> np.ndarray:
+        """Each session's time off the pass when some draft and the rest are handed over.
+        Passes then follow one another for the handed-over sessions: the scheduler holds one
+        for due drafts only while that pays the sessions in hand, up to V * J / (H + J) for J
+        drafts and H sessions (`VerificationService._due_by`). A draft due within that is
+        waited for, and everyone waits with it; a later one misses the pass that started
+        without it and joins the next, so its round is at least two passes however quick
+        its board."""
+        drafting = ks > 0
+        hold = verify * drafting.sum() / len(ks)
+        held = drafting & (overhead <= hold)
+        waited = float(overhead[held].max(initial=0.0))
+        return np.where(held, overhead, np.where(drafting, np.maximum(overhead, verify), waited))
+
     def rate(self, ks: np.ndarray, hand_off: bool = True) -> float:
         """With `hand_off`, a session at k = 0 is decoded by the server alone: its rounds
         have no drafting and no round trip, only the shared forward pass (what the service
-        does). Without, every round pays its round trip (what the ascent optimises). A batch
-        in which nothing is drafted costs `plain_cost`."""
+        does), and the sessions drafting beside it miss every other pass. Without, every
+        round pays its round trip (what the ascent optimises). A batch in which nothing is
+        drafted costs `plain_cost`."""
         verify = (self.cost if ks.any() else self.plain_cost).seconds(self.tokens(ks))
         overhead = self.round_trip_s + self.step_s * ks
         if hand_off:
             overhead = np.where(ks > 0, overhead, 0.0)
+            if ks.any() and not ks.all():
+                overhead = self._beside_handed_over(ks, overhead, verify)
         own = self.committed[self.rows, ks] / (overhead + verify)
         # Handed over, the sessions without estimates are decoded by the server too: no round
         # trip. While others draft, each of their passes waits out a drafting round.
@@ -568,12 +587,16 @@ def plan_batch(
 def _prefer_hand_off(batch: _Batch, ks: np.ndarray) -> np.ndarray:
     """The ascent charges a session at k = 0 its round trip, so that a first drafted token is
     judged by what it adds, not by the round trip it brings. Sessions at k = 0 are in fact
-    handed to the server, with no round trip at all: when the whole batch does at least as well
-    that way (plain continuous batching), hand it all over. Sessions are not zeroed one by one:
-    a session at 0 drafts nothing, so its acceptance estimate would stay wherever noise had
-    left it (simulated, that cost up to 9% against the best fixed k)."""
+    handed to the server, with no round trip at all, and then the drafters beside them miss
+    every other pass (`_Batch.rate`). So the plan is judged as the service runs it, against
+    the whole batch drafting (its sessions at 0 drafting one token, in lockstep with the rest)
+    and the whole batch handed over (plain continuous batching), which wins ties. Sessions are
+    not zeroed one by one: a session at 0 drafts nothing, so its acceptance estimate would
+    stay wherever noise had left it (simulated, that cost up to 9% against the best fixed k)."""
     zeros = np.zeros_like(ks)
-    return zeros if batch.rate(zeros) >= batch.rate(ks) * (1 - RATE_TOLERANCE) else ks
+    candidates = [ks, np.maximum(ks, 1)] if ks.any() and batch.k_max > 0 else [ks]
+    best = max(candidates, key=batch.rate)
+    return zeros if batch.rate(zeros) >= batch.rate(best) * (1 - RATE_TOLERANCE) else best
 
 
 def round_trip_s(
