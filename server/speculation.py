@@ -320,14 +320,38 @@ class RealizedRates:
         share of a pass depends on how many share it (counted together, the plain passes of
         a one-session warm-up, 1.8 tokens/s a session, held 4 boards at plain decoding
         against drafting's 0.9). None with fewer than `REALIZED_MIN` such passes."""
-        passes = [
+        estimate = self._estimate(drafted, sessions)
+        return None if estimate is None else estimate[0]
+
+    def plain_delivers_more(self, sessions: int) -> bool:
+        """Whether plain passes delivered at least as much per session as drafting ones at
+        about this load, beyond one standard error of the difference. A drafting round
+        commits 1 to k + 1 tokens as the text lets the draft guess, so a few passes of each
+        kind differ by chance: at one board in bfloat16, stretches of hard text (3.2 against
+        plain's 3.4 tokens/s) handed the session over again and again, 59% of a window's
+        plans were plain, and the fleet made 3.32 tokens/s where a fixed k = 5 made 4.56 on the
+        same jobs. False until both kinds have been measured."""
+        drafting, plain = self._estimate(True, sessions), self._estimate(False, sessions)
+        if drafting is None or plain is None:
+            return False
+        return plain[0] - drafting[0] >= math.hypot(drafting[1], plain[1])
+
+    def _estimate(self, drafted: bool, sessions: int | None) -> tuple[float, float] | None:
+        """(tokens per second per session, its standard error) as a ratio of sums over the
+        passes `rate` counts; None with fewer than `REALIZED_MIN` of them."""
+        passes = np.array([
             (seconds, tokens)
             for seconds, tokens, open_sessions in self._kinds[drafted]
             if sessions is None or abs(open_sessions - sessions) <= max(1.0, sessions / 4)
-        ]
+        ]).reshape(-1, 2)
         if len(passes) < REALIZED_MIN:
             return None
-        return sum(tokens for _, tokens in passes) / sum(seconds for seconds, _ in passes)
+        seconds, tokens = passes[:, 0], passes[:, 1]
+        rate = float(tokens.sum() / seconds.sum())
+        # The ratio estimator's variance: the spread of what each pass delivered beyond the
+        # rate's share of its time, relative to the mean pass.
+        spread = float(np.sqrt(np.sum((tokens - rate * seconds) ** 2) / (len(passes) - 1) / len(passes)))
+        return rate, spread / float(seconds.mean())
 
 
 # --- one session --------------------------------------------------------------------------------
@@ -715,20 +739,19 @@ class SpeculationPolicy:
             typical = float(np.mean([e.round_trip_s for e in estimates]))
             cost, plain_cost = self.load.costs()
             ks = plan_batch(estimates, cost, self.k_max, plain, typical, plain_cost)
-            realized = self.realized.rate(True, pending_sessions), self.realized.rate(False, pending_sessions)
-            ks = self._probe(ks, lambda: plan_batch(estimates, plain_cost, self.k_max, plain, typical), realized)
+            outdone = self.realized.plain_delivers_more(pending_sessions)
+            ks = self._probe(ks, lambda: plan_batch(estimates, plain_cost, self.k_max, plain, typical), outdone)
             self._plan = dict(zip(keys, ks, strict=True))
             self._planned_for = pending_sessions
             self.log.debug(
                 "batch_planned", sessions=len(keys), plain=plain, drafted=sum(ks), k_top=max(ks, default=0),
-                probe=self._probe_drafts, realized_drafting=realized[0], realized_plain=realized[1],
+                probe=self._probe_drafts, realized_drafting=self.realized.rate(True, pending_sessions),
+                realized_plain=self.realized.rate(False, pending_sessions), outdone=outdone,
                 drafting_cost=cost, plain_cost=plain_cost,
             )
         return self._plan[session_key]
 
-    def _probe(
-        self, ks: list[int], drafting: Callable[[], list[int]], realized: tuple[float | None, float | None]
-    ) -> list[int]:
+    def _probe(self, ks: list[int], drafting: Callable[[], list[int]], outdone: bool) -> list[int]:
         """The plan, or for `PROBE_PASSES` passes the other kind of round: plain decoding
         (every session handed over) after drafting, and after plain passes, drafting as the
         plan would choose it if both kinds cost the same (`drafting`; none if even then it does
@@ -741,17 +764,16 @@ class SpeculationPolicy:
         pass has been measured, the plan decodes plain: speculation must first show that it
         pays on this server (a fresh server's first passes are plain anyway: boards open
         their sessions without a draft). And where drafting rounds have recently delivered
-        less per session than plain ones (`realized`: what each kind delivered at the present
-        load, from `RealizedRates`), the batch is handed over whatever
-        the model says: the model assumes lockstep rounds that a real fleet may not keep. It
-        stays handed over until a drafting probe has measured drafting again: judged afresh
+        less per session than plain ones (`outdone`: what each kind delivered at the present
+        load, beyond noise, from `RealizedRates.plain_delivers_more`), the batch is handed
+        over whatever the model says: the model assumes lockstep rounds that a real fleet may
+        not keep. It stays handed over until a drafting probe has measured drafting again: judged afresh
         at every plan, two kinds that deliver about the same swapped places pass after pass
         (measured: 4 boards alternating drafting and plain plans for a whole window, each
         switch costing the boards a catch-up)."""
         if self._probe_drafts and not self._probe_left:
             self._outdone = False  # the first plan after a drafting probe judges afresh
-        drafting_rate, plain_rate = realized
-        if drafting_rate is not None and plain_rate is not None and plain_rate >= drafting_rate:
+        if outdone:
             self._outdone = True
         if not self.load.measured(drafted=True) or self._outdone:
             ks = [0] * len(ks)
