@@ -14,9 +14,10 @@ in full), with sessions j in lockstep rounds of drafting, round trip and one for
     rate(ks) = sum_j E_j(k_j) / ([k_j > 0] (k_j * t_j + rtt_j) + V(T))
 
 `plan_batch` maximises rate(ks), then checks its plan as the service runs it (a drafter beside
-sessions handed over waits out a pass: `_prefer_hand_off`). Under heavy load every drafted
-token slows the pass more than it gains and all ks fall to 0: the server then decodes those sessions alone, with no drafting
-and no round trip (the hand-off), which is plain continuous batching, the server alone.
+sessions handed over is held for or misses a pass: `_prefer_hand_off`). Under heavy load every
+drafted token slows the pass more than it gains and all ks fall to 0: the server then decodes
+those sessions alone, with no drafting and no round trip (the hand-off), which is plain
+continuous batching, the server alone.
 
 Everything here is plain arithmetic on estimates; the service feeds the estimators with what it
 measures (`observe_batch`, `observe_verdict`) and asks `next_k` when it publishes a verdict.
@@ -29,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -314,31 +315,13 @@ class RealizedRates:
             self._kinds[drafted].append((seconds, committed / sessions, sessions))
         self._last = at
 
-    def rate(self, drafted: bool, sessions: int | None = None) -> float | None:
-        """Tokens per second per session over the passes made with about `sessions` open
-        (within a quarter, and at least one, either way; all passes when None): a session's
-        share of a pass depends on how many share it (counted together, the plain passes of
-        a one-session warm-up, 1.8 tokens/s a session, held 4 boards at plain decoding
-        against drafting's 0.9). None with fewer than `REALIZED_MIN` such passes."""
-        estimate = self._estimate(drafted, sessions)
-        return None if estimate is None else estimate[0]
-
-    def plain_delivers_more(self, sessions: int) -> bool:
-        """Whether plain passes delivered at least as much per session as drafting ones at
-        about this load, beyond one standard error of the difference. A drafting round
-        commits 1 to k + 1 tokens as the text lets the draft guess, so a few passes of each
-        kind differ by chance: at one board in bfloat16, stretches of hard text (3.2 against
-        plain's 3.4 tokens/s) handed the session over again and again, 59% of a window's
-        plans were plain, and the fleet made 3.32 tokens/s where a fixed k = 5 made 4.56 on the
-        same jobs. False until both kinds have been measured."""
-        drafting, plain = self._estimate(True, sessions), self._estimate(False, sessions)
-        if drafting is None or plain is None:
-            return False
-        return plain[0] - drafting[0] >= math.hypot(drafting[1], plain[1])
-
-    def _estimate(self, drafted: bool, sessions: int | None) -> tuple[float, float] | None:
-        """(tokens per second per session, its standard error) as a ratio of sums over the
-        passes `rate` counts; None with fewer than `REALIZED_MIN` of them."""
+    def estimate(self, drafted: bool, sessions: int | None = None) -> "Delivered | None":
+        """Tokens per second per session, and its standard error, as a ratio of sums over the
+        passes made with about `sessions` open (within a quarter, and at least one, either
+        way; all passes when None): a session's share of a pass depends on how many share it
+        (counted together, the plain passes of a one-session warm-up, 1.8 tokens/s a session,
+        held 4 boards at plain decoding against drafting's 0.9). None with fewer than
+        `REALIZED_MIN` such passes."""
         passes = np.array([
             (seconds, tokens)
             for seconds, tokens, open_sessions in self._kinds[drafted]
@@ -351,7 +334,27 @@ class RealizedRates:
         # The ratio estimator's variance: the spread of what each pass delivered beyond the
         # rate's share of its time, relative to the mean pass.
         spread = float(np.sqrt(np.sum((tokens - rate * seconds) ** 2) / (len(passes) - 1) / len(passes)))
-        return rate, spread / float(seconds.mean())
+        return Delivered(rate, spread / float(seconds.mean()))
+
+
+class Delivered(NamedTuple):
+    """Committed tokens per second per open session, as realized, and its standard error."""
+
+    rate: float
+    error: float
+
+
+def plain_delivers_more(drafting: Delivered | None, plain: Delivered | None) -> bool:
+    """Whether plain passes delivered at least as much per session as drafting ones, beyond
+    one standard error of the difference. A drafting round commits 1 to k + 1 tokens as the
+    text lets the draft guess, so a few passes of each kind differ by chance: at one board in
+    bfloat16, stretches of hard text (3.2 against plain's 3.4 tokens/s) handed the session
+    over again and again, 59% of a window's plans were plain, and the fleet made 3.32
+    tokens/s where a fixed k = 5 made 4.56 on the same jobs. False until both kinds have been
+    measured."""
+    if drafting is None or plain is None:
+        return False
+    return plain.rate - drafting.rate >= math.hypot(drafting.error, plain.error)
 
 
 # --- one session --------------------------------------------------------------------------------
@@ -514,8 +517,8 @@ class _Batch:
     def rate(self, ks: np.ndarray, hand_off: bool = True) -> float:
         """With `hand_off`, a session at k = 0 is decoded by the server alone: its rounds
         have no drafting and no round trip, only the shared forward pass (what the service
-        does), and the sessions drafting beside it miss every other pass. Without, every
-        round pays its round trip (what the ascent optimises). A batch in which nothing is
+        does), and the sessions drafting beside it are held for or miss passes
+        (`_beside_handed_over`). Without, every round pays its round trip (what the ascent optimises). A batch in which nothing is
         drafted costs `plain_cost`."""
         verify = (self.cost if ks.any() else self.plain_cost).seconds(self.tokens(ks))
         overhead = self.round_trip_s + self.step_s * ks
@@ -611,8 +614,8 @@ def plan_batch(
 def _prefer_hand_off(batch: _Batch, ks: np.ndarray) -> np.ndarray:
     """The ascent charges a session at k = 0 its round trip, so that a first drafted token is
     judged by what it adds, not by the round trip it brings. Sessions at k = 0 are in fact
-    handed to the server, with no round trip at all, and then the drafters beside them miss
-    every other pass (`_Batch.rate`). So the plan is judged as the service runs it, against
+    handed to the server, with no round trip at all, and then the drafters beside them are
+    held for or miss passes (`_Batch.rate`). So the plan is judged as the service runs it, against
     the whole batch drafting (its sessions at 0 drafting one token, in lockstep with the rest)
     and the whole batch handed over (plain continuous batching), which wins ties. Sessions are
     not zeroed one by one: a session at 0 drafts nothing, so its acceptance estimate would
@@ -739,15 +742,15 @@ class SpeculationPolicy:
             typical = float(np.mean([e.round_trip_s for e in estimates]))
             cost, plain_cost = self.load.costs()
             ks = plan_batch(estimates, cost, self.k_max, plain, typical, plain_cost)
-            outdone = self.realized.plain_delivers_more(pending_sessions)
+            drafting, plain_rounds = (self.realized.estimate(kind, pending_sessions) for kind in (True, False))
+            outdone = plain_delivers_more(drafting, plain_rounds)
             ks = self._probe(ks, lambda: plan_batch(estimates, plain_cost, self.k_max, plain, typical), outdone)
             self._plan = dict(zip(keys, ks, strict=True))
             self._planned_for = pending_sessions
             self.log.debug(
                 "batch_planned", sessions=len(keys), plain=plain, drafted=sum(ks), k_top=max(ks, default=0),
-                probe=self._probe_drafts, realized_drafting=self.realized.rate(True, pending_sessions),
-                realized_plain=self.realized.rate(False, pending_sessions), outdone=outdone,
-                drafting_cost=cost, plain_cost=plain_cost,
+                probe=self._probe_drafts, realized_drafting=drafting, realized_plain=plain_rounds,
+                outdone=outdone, drafting_cost=cost, plain_cost=plain_cost,
             )
         return self._plan[session_key]
 
@@ -765,10 +768,10 @@ class SpeculationPolicy:
         pays on this server (a fresh server's first passes are plain anyway: boards open
         their sessions without a draft). And where drafting rounds have recently delivered
         less per session than plain ones (`outdone`: what each kind delivered at the present
-        load, beyond noise, from `RealizedRates.plain_delivers_more`), the batch is handed
-        over whatever the model says: the model assumes lockstep rounds that a real fleet may
-        not keep. It stays handed over until a drafting probe has measured drafting again: judged afresh
-        at every plan, two kinds that deliver about the same swapped places pass after pass
+        load, beyond noise: `plain_delivers_more`), the batch is handed over whatever the
+        model says: the model assumes lockstep rounds that a real fleet may not keep. It stays
+        handed over until a drafting probe has measured drafting again: judged afresh at every
+        plan, two kinds that deliver about the same swapped places pass after pass
         (measured: 4 boards alternating drafting and plain plans for a whole window, each
         switch costing the boards a catch-up)."""
         if self._probe_drafts and not self._probe_left:

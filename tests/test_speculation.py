@@ -25,6 +25,7 @@ from server.speculation import (
     batch_rate,
     fit_load_model,
     make_policy,
+    plain_delivers_more,
     plan_batch,
     round_trip_s,
 )
@@ -34,6 +35,8 @@ K_MAX = 8
 # 12.5 ms per token. And a GPU-like roofline whose knee is far out.
 CPU = LoadModel(c0_s=0.3, knee_tokens=20, c1_s=0.0125)
 GPU = LoadModel(c0_s=0.05, knee_tokens=256, c1_s=0.05 / 256)
+# A small flat server for the policy's probes and hand-overs: 0.2 s a pass up to 16 tokens.
+FLAT_SMALL = LoadModel(c0_s=0.2, knee_tokens=16, c1_s=0.005)
 
 alphas = st.floats(0.0, 0.999)
 seconds = st.floats(0.0, 0.2)
@@ -531,11 +534,10 @@ def test_policy_hands_over_when_drafting_rounds_slow_the_server(drafting_slowdow
     to 16 tokens (the 1.5B target in bfloat16 on this machine's 2 cores): drafting pays while
     drafting rounds cost what their tokens say, and not once they make every pass twice as
     slow."""
-    flat = LoadModel(c0_s=0.2, knee_tokens=16, c1_s=0.005)
-    policy = SpeculationPolicy(K_MAX, prior_load=flat)
+    policy = SpeculationPolicy(K_MAX, prior_load=FLAT_SMALL)
     for tokens in range(1, 120, 3):
-        policy.observe_batch(tokens, float(flat.seconds(tokens)), drafted=0)
-        slowed = drafting_slowdown * float(flat.seconds(tokens + 8))
+        policy.observe_batch(tokens, float(FLAT_SMALL.seconds(tokens)), drafted=0)
+        slowed = drafting_slowdown * float(FLAT_SMALL.seconds(tokens + 8))
         policy.observe_batch(tokens + 8, slowed, drafted=tokens)
     for i in range(8):
         for _ in range(5):
@@ -549,11 +551,10 @@ def test_a_stale_price_is_measured_again() -> None:
     look better than it is; the probe of plain passes after PROBE_FIRST drafting ones finds
     their real price, and the plan then hands the batch over, probing drafting less and less
     often as the probes keep confirming it."""
-    flat = LoadModel(c0_s=0.2, knee_tokens=16, c1_s=0.005)
-    policy = SpeculationPolicy(K_MAX, prior_load=flat)
+    policy = SpeculationPolicy(K_MAX, prior_load=FLAT_SMALL)
     keys = [f"b{i}/s" for i in range(8)]
     for tokens in range(8, 40):
-        policy.observe_batch(8, 3.0 * float(flat.seconds(8)), drafted=0)
+        policy.observe_batch(8, 3.0 * float(FLAT_SMALL.seconds(8)), drafted=0)
     chosen = []
     for _ in range(120):
         for key in keys:
@@ -561,7 +562,7 @@ def test_a_stale_price_is_measured_again() -> None:
         ks = [policy.next_k(key, pending_sessions=8) for key in keys]
         drafted = sum(ks)
         slowdown = 2.0 if drafted else 1.0  # drafting rounds really cost twice as much
-        policy.observe_batch(drafted + 8, slowdown * float(flat.seconds(drafted + 8)), drafted)
+        policy.observe_batch(drafted + 8, slowdown * float(FLAT_SMALL.seconds(drafted + 8)), drafted)
         chosen.append(drafted > 0)
     assert all(chosen[:PROBE_FIRST]), "drafting while plain passes look three times dearer"
     late = chosen[-60:]
@@ -617,8 +618,7 @@ def test_what_rounds_delivered_overrules_the_model(drafting_delivers: float) -> 
     """When rounds under a drafting plan have really delivered less per session than plain
     ones (here 0.6 times as much: sessions out of step, boards slower than they report), the
     batch is handed over whatever the model says; when they delivered more, it drafts."""
-    flat = LoadModel(c0_s=0.2, knee_tokens=16, c1_s=0.005)
-    ks = _drive(SpeculationPolicy(K_MAX, prior_load=flat), 10, drafting_delivers)
+    ks = _drive(SpeculationPolicy(K_MAX, prior_load=FLAT_SMALL), 10, drafting_delivers)
     assert (max(ks) == 0) if drafting_delivers < 1 else (min(ks) > 0), ks
 
 
@@ -626,8 +626,7 @@ def test_a_hand_over_on_what_rounds_delivered_holds_until_drafting_is_probed() -
     """Drafting rounds that delivered less than plain ones hand the batch over; the plain
     rounds after it deliver less again, below what drafting did (the same fleet, noise), but
     the plan does not swap back at once: it stays plain until its drafting probe."""
-    flat = LoadModel(c0_s=0.2, knee_tokens=16, c1_s=0.005)
-    policy = SpeculationPolicy(K_MAX, prior_load=flat)
+    policy = SpeculationPolicy(K_MAX, prior_load=FLAT_SMALL)
     ks = _drive(policy, 10, drafting_delivers=0.75)
     assert max(ks) == 0, ks
     drafted_in = []
@@ -641,8 +640,7 @@ def test_a_hand_over_on_what_rounds_delivered_holds_until_drafting_is_probed() -
 def test_what_rounds_delivered_is_compared_at_the_same_load() -> None:
     """Plain passes of a one-session warm-up deliver more per session than 4 sessions' passes
     can: they are not held against drafting rounds of 4 sessions."""
-    flat = LoadModel(c0_s=0.2, knee_tokens=16, c1_s=0.005)
-    policy = SpeculationPolicy(K_MAX, prior_load=flat)
+    policy = SpeculationPolicy(K_MAX, prior_load=FLAT_SMALL)
     at, ks = 0.0, [0] * 4
     for n in range(12):
         at += 0.2
@@ -650,7 +648,7 @@ def test_what_rounds_delivered_is_compared_at_the_same_load() -> None:
             policy.observe_batch(1, 0.2, 0, committed=1, sessions=1, at=at)
             continue
         ks = _pass(policy, 8 if n == 5 else sum(ks), committed=3 if any(ks) else 4, at=at)
-    assert policy.realized.rate(False) is not None and policy.realized.rate(False, 4) is None
+    assert policy.realized.estimate(False) is not None and policy.realized.estimate(False, 4) is None
     assert min(ks) > 0, ks
 
 
@@ -667,8 +665,8 @@ def test_plain_must_deliver_more_than_drafting_beyond_noise(drafting_committed: 
     for _ in range(8):
         at += 0.25
         realized.observe(False, 1, sessions=1, at=at)
-    assert realized.rate(False, 1) > realized.rate(True, 1)
-    assert realized.plain_delivers_more(1) is outdone
+    assert realized.estimate(False, 1).rate > realized.estimate(True, 1).rate
+    assert plain_delivers_more(realized.estimate(True, 1), realized.estimate(False, 1)) is outdone
 
 
 def test_prefill_is_not_charged_to_the_rounds_that_opened_sessions() -> None:
@@ -676,22 +674,20 @@ def test_prefill_is_not_charged_to_the_rounds_that_opened_sessions() -> None:
     prefilling a new session (three times the pass): the prefill is left out of what they
     delivered (charged, it made drafting look worse than plain, and the batch was handed
     over)."""
-    flat = LoadModel(c0_s=0.2, knee_tokens=16, c1_s=0.005)
-    policy = SpeculationPolicy(K_MAX, prior_load=flat)
+    policy = SpeculationPolicy(K_MAX, prior_load=FLAT_SMALL)
     ks = _drive(policy, 10, drafting_delivers=1.4, prefill_s=0.6)
-    assert policy.realized.rate(True, 4) == pytest.approx(1.4 * policy.realized.rate(False, 4), rel=0.1)
+    assert policy.realized.estimate(True, 4).rate == pytest.approx(1.4 * policy.realized.estimate(False, 4).rate, rel=0.1)
     assert min(ks) > 0, ks
 
 
 def test_passes_are_judged_by_the_plan_not_by_their_content() -> None:
     """While a plan drafts, a pass that happens to carry no drafted token (handed-over
     sessions decoded while the drafting ones draft) counts for the drafting plan."""
-    flat = LoadModel(c0_s=0.2, knee_tokens=16, c1_s=0.005)
-    policy = SpeculationPolicy(K_MAX, prior_load=flat)
+    policy = SpeculationPolicy(K_MAX, prior_load=FLAT_SMALL)
     _drive(policy, 8, drafting_delivers=1.0)
-    before = policy.realized.rate(False)
+    before = policy.realized.estimate(False)
     policy.observe_batch(4, 0.2, drafted=0, committed=1, sessions=4, at=100.0)
-    assert policy.realized.rate(False) == before
+    assert policy.realized.estimate(False) == before
 
 
 def test_fixed_policy_always_suggests_k_max_and_still_estimates() -> None:
