@@ -93,6 +93,7 @@ class MosquittoProcess:
                 f"port {self.port} on {self.host} is already in use by another process"
             )
         with self.log_file.open("ab") as log_out:
+            log_start = log_out.tell()
             self._process = subprocess.Popen(
                 [find_tool("mosquitto"), "-c", str(self.config_file)],
                 stdin=subprocess.DEVNULL,
@@ -100,7 +101,7 @@ class MosquittoProcess:
                 stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + self.start_timeout_s
-        while not accepts_connections(self.host, self.port):
+        while not (self._reports_running(log_start) and accepts_connections(self.host, self.port)):
             if self._process.poll() is not None:
                 raise BrokerStartError(
                     f"mosquitto exited with status {self._process.returncode} while starting "
@@ -115,6 +116,20 @@ class MosquittoProcess:
             time.sleep(0.02)
         self._log.info("broker started", pid=self._process.pid, tls=self.spec.tls is not None)
         return self
+
+    def _reports_running(self, log_start: int) -> bool:
+        """Whether this start's log says `mosquitto version ... running`.
+
+        Mosquitto binds its listen sockets before it loads their TLS keys, so a port that
+        accepts connections can still belong to a broker about to exit on a bad key; the
+        `running` line comes only once every listener is set up.
+        """
+        with self.log_file.open("rb") as log_in:
+            log_in.seek(log_start)
+            return any(
+                line.startswith(b"mosquitto version") and line.rstrip().endswith(b" running")
+                for line in (entry.partition(b": ")[2] for entry in log_in)
+            )
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM (mosquitto saves persistence on the way out); SIGKILL if it lingers."""
