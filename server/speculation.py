@@ -291,8 +291,8 @@ def _scaled(model: LoadModel, factor: float) -> LoadModel:
 
 class RealizedRates:
     """What each kind of plan really delivered: committed tokens per second per open session,
-    over the last `REALIZED_PASSES` passes made while some session was told to draft and as
-    many while none was. By the plan, not by each pass's content: while a few sessions draft
+    over the last `REALIZED_PASSES` passes made under a plan that had some session draft and as
+    many under plans that had none draft. By the plan, not by each pass's content: while a few sessions draft
     beside handed-over ones, passes without their drafts come between those with them, and
     counted as plain decoding those made it look worse than it is (0.33 tokens/s a session
     at 8 boards in a probe run, where a plain plan gave 0.40). A pass's
@@ -698,11 +698,13 @@ class SpeculationPolicy:
         and ended `at` (monotonic seconds; now when None); since the previous pass the server
         spent `prefill_s` prefilling the contexts of sessions opened."""
         self.load.observe(total_tokens, verify_s, drafted > 0)
-        # What rounds delivered is judged by the plan in force (any session told to draft),
-        # not by this pass's content: see RealizedRates.
-        planned_drafting = any(self._suggested.values())
+        # What rounds delivered is judged by the plan this pass was asked for, not by its
+        # content (see RealizedRates), nor by the last k each session was told: a session
+        # whose draft missed the passes since still holds a k of an older plan, and counted so,
+        # the three passes of a plain probe among 16 sessions out of step all passed for
+        # drafting ones, and plain rounds were never measured at that load.
         ended = time.monotonic() if at is None else at
-        self.realized.observe(planned_drafting, committed, sessions, ended, prefill_s)
+        self.realized.observe(any(self._plan.values()), committed, sessions, ended, prefill_s)
         self._plan = {}
 
     def observe_verdict(
@@ -744,7 +746,10 @@ class SpeculationPolicy:
             ks = plan_batch(estimates, cost, self.k_max, plain, typical, plain_cost)
             drafting, plain_rounds = (self.realized.estimate(kind, pending_sessions) for kind in (True, False))
             outdone = plain_delivers_more(drafting, plain_rounds)
-            ks = self._probe(ks, lambda: plan_batch(estimates, plain_cost, self.k_max, plain, typical), outdone)
+            ks = self._probe(
+                ks, lambda: plan_batch(estimates, plain_cost, self.k_max, plain, typical), outdone,
+                plain_unmeasured=plain_rounds is None and drafting is not None,
+            )
             self._plan = dict(zip(keys, ks, strict=True))
             self._planned_for = pending_sessions
             self.log.debug(
@@ -754,7 +759,9 @@ class SpeculationPolicy:
             )
         return self._plan[session_key]
 
-    def _probe(self, ks: list[int], drafting: Callable[[], list[int]], outdone: bool) -> list[int]:
+    def _probe(
+        self, ks: list[int], drafting: Callable[[], list[int]], outdone: bool, plain_unmeasured: bool
+    ) -> list[int]:
         """The plan, or for `PROBE_PASSES` passes the other kind of round: plain decoding
         (every session handed over) after drafting, and after plain passes, drafting as the
         plan would choose it if both kinds cost the same (`drafting`; none if even then it does
@@ -773,7 +780,12 @@ class SpeculationPolicy:
         handed over until a drafting probe has measured drafting again: judged afresh at every
         plan, two kinds that deliver about the same swapped places pass after pass
         (measured: 4 boards alternating drafting and plain plans for a whole window, each
-        switch costing the boards a catch-up)."""
+        switch costing the boards a catch-up). A plan that drafts at a load where plain rounds
+        have not been measured (`plain_unmeasured`: a new number of sessions; drafting has
+        its `REALIZED_MIN` passes there) probes plain at once rather than after
+        `PROBE_FIRST` passes: speculation must show that it beats the server alone, and at
+        16 boards in float32, at 2-3 s a pass, 8 passes of a drafting plan that delivered less
+        than plain decoding were most of a window. Plain decoding is never probed early: it is what the server alone does."""
         if self._probe_drafts and not self._probe_left:
             self._outdone = False  # the first plan after a drafting probe judges afresh
         if outdone:
@@ -788,7 +800,8 @@ class SpeculationPolicy:
             kept = chosen == self._chosen_before_probe
             self._probe_every = min(PROBE_MAX, 2 * self._probe_every) if kept else PROBE_FIRST
             self._probe_drafts = None
-        if self.load.passes_since(not chosen) < self._probe_every:
+        early = chosen and plain_unmeasured
+        if self.load.passes_since(not chosen) < self._probe_every and not early:
             return ks
         self._probe_drafts, self._chosen_before_probe = not chosen, chosen
         self._probe_left = PROBE_PASSES - 1

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from server.speculation import (
     PROBE_FIRST,
     PROBE_PASSES,
+    REALIZED_MIN,
     FixedSpeculation,
     LoadEstimator,
     LoadModel,
@@ -637,19 +638,60 @@ def test_a_hand_over_on_what_rounds_delivered_holds_until_drafting_is_probed() -
     assert any(drafted_in), "drafting is probed again"
 
 
+def _warm_up(policy: SpeculationPolicy, passes: int = 5) -> float:
+    """Plain passes of 0.2 s over one session (a one-session warm-up); returns when they end."""
+    at = 0.0
+    for _ in range(passes):
+        at += 0.2
+        policy.observe_batch(1, 0.2, 0, committed=1, sessions=1, at=at)
+    return at
+
+
 def test_what_rounds_delivered_is_compared_at_the_same_load() -> None:
     """Plain passes of a one-session warm-up deliver more per session than 4 sessions' passes
     can: they are not held against drafting rounds of 4 sessions."""
     policy = SpeculationPolicy(K_MAX, prior_load=FLAT_SMALL)
-    at, ks = 0.0, [0] * 4
-    for n in range(12):
+    at, ks, drafting = _warm_up(policy), [0] * 4, []
+    for n in range(REALIZED_MIN):
         at += 0.2
-        if n < 5:
-            policy.observe_batch(1, 0.2, 0, committed=1, sessions=1, at=at)
-            continue
-        ks = _pass(policy, 8 if n == 5 else sum(ks), committed=3 if any(ks) else 4, at=at)
+        ks = _pass(policy, 8 if n == 0 else sum(ks), committed=3 if any(ks) else 4, at=at)
+        drafting.append(min(ks) > 0)
     assert policy.realized.estimate(False) is not None and policy.realized.estimate(False, 4) is None
-    assert min(ks) > 0, ks
+    assert all(drafting), drafting
+
+
+def test_a_drafting_plan_probes_plain_at_once_at_a_new_load() -> None:
+    """4 sessions whose drafting rounds deliver less than plain ones (3 tokens a pass against
+    4), after a warm-up that decoded one session plain: once drafting has its REALIZED_MIN
+    passes at 4 sessions, the plan probes plain there at once, not after PROBE_FIRST drafting
+    passes, and the probe hands the batch over."""
+    policy = SpeculationPolicy(K_MAX, prior_load=FLAT_SMALL)
+    at, ks, drafted_in = _warm_up(policy), [0] * 4, []
+    for n in range(REALIZED_MIN + PROBE_FIRST):
+        at += 0.2
+        ks = _pass(policy, 8 if n == 0 else sum(ks), committed=3 if any(ks) else 4, at=at)
+        drafted_in.append(sum(ks) > 0)
+    # Drafting for its REALIZED_MIN passes, then plain: the probe, and the hand-over after it
+    # until the drafting probe PROBE_FIRST plain passes later.
+    assert drafted_in == [True] * REALIZED_MIN + [False] * PROBE_FIRST, drafted_in
+
+
+def test_a_pass_counts_for_the_plan_it_was_asked_for() -> None:
+    """A session whose draft missed the last passes still holds the k of an older, drafting
+    plan; the passes of a plain probe made since count as plain all the same (here plain
+    passes commit twice what drafting ones do, so counting them raises plain's rate)."""
+    policy = SpeculationPolicy(K_MAX, prior_load=FLAT_SMALL)
+    ks = _drive(policy, 6, drafting_delivers=1.0)
+    policy.observe_verdict("late/s", "late", 4, 3, draft_ms=5.0, rtt_s=0.005)
+    assert policy.next_k("late/s", pending_sessions=4) > 0
+    before = policy.realized.estimate(False, 4)
+    at, plain_plans = 10.0, 0
+    for _ in range(PROBE_FIRST + PROBE_PASSES):
+        at += 0.2
+        ks = _pass(policy, sum(ks), committed=4 if any(ks) else 8, at=at)  # "late/s" in none
+        plain_plans += not any(ks)
+    assert plain_plans >= PROBE_PASSES
+    assert before is not None and policy.realized.estimate(False, 4).rate > 1.5 * before.rate
 
 
 @pytest.mark.parametrize(("drafting_committed", "outdone"), [([1, 5, 1, 4, 1, 5, 1, 1], False), ([1] * 8, True)])
