@@ -291,11 +291,11 @@ def _scaled(model: LoadModel, factor: float) -> LoadModel:
 
 class RealizedRates:
     """What each kind of plan really delivered: committed tokens per second per open session,
-    over the last `REALIZED_PASSES` passes made under a plan that had some session draft and as
-    many under plans that had none draft. By the plan, not by each pass's content: while a few sessions draft
-    beside handed-over ones, passes without their drafts come between those with them, and
-    counted as plain decoding those made it look worse than it is (0.33 tokens/s a session
-    at 8 boards in a probe run, where a plain plan gave 0.40). A pass's
+    over the last `REALIZED_PASSES` passes made under a plan that had some session draft and
+    as many under plans that had none draft. By the plan, not by each pass's content: while a
+    few sessions draft beside handed-over ones, passes without their drafts come between those
+    with them, and counted as plain decoding those made it look worse than it is (0.33
+    tokens/s a session at 8 boards in a probe run, where a plain plan gave 0.40). A pass's
     time is the time since the previous pass ended (drafting, round trips and holds
     included), so the figure is what the fleet got, whatever the plan's model says; less the
     prefill of sessions opened meanwhile, which every request pays once whatever is planned
