@@ -29,6 +29,10 @@ from device.runner import DraftRunner
 from device.sampling import draft_distribution, greedy_token, sample_token, top_probability
 from fleet.sampling import SamplingParams, SparseDist
 
+# While the board waits with no draft out, the cache is fed once this many committed tokens
+# are missing from it (see `keep_up`): one pass over them costs about one drafted token.
+KEEP_UP_TOKENS = 8
+
 
 @dataclass(frozen=True)
 class Proposal:
@@ -95,8 +99,8 @@ class Drafter:
     def start(self, context: Sequence[int]) -> None:
         """Take `context` (the prompt, or prompt + committed tokens on a resync) as committed.
 
-        It reaches the cache only when the board first drafts (`catch_up`): a session that
-        opens without a draft and that the server then decodes alone costs the board nothing."""
+        It reaches the cache when the board first drafts (`catch_up`), or earlier while the
+        board waits with no draft out (`keep_up`)."""
         if not context:
             raise ValueError("a session starts from at least one token")
         self.runner.reset()
@@ -109,9 +113,24 @@ class Drafter:
     def catch_up(self) -> None:
         """Feed the cache, in one pass, what it lacks: a new session's context, or tokens the
         server committed alone. `draft` does it when needed; a board calls it first so that
-        this one-off cost is not taken for the time of drafting."""
-        if self._pending is None and self._unfed:
+        this one-off cost is not taken for the time of drafting. An empty draft awaiting its
+        verdict (an open without one) leaves the cache at the committed context, so it may be
+        fed then too."""
+        if not self._pending and self._unfed:
             self._reset_to_committed()
+
+    def keep_up(self) -> None:
+        """`catch_up` once `KEEP_UP_TOKENS` tokens are missing: a board calls it while it waits
+        with no draft out (its open in the server's prefill, rounds the server decodes alone).
+
+        Left to the first draft, the whole backlog (the prompt, and every token the server
+        decoded alone) delays that draft: when the server asked a batch of sessions handed over
+        to draft again, their drafts came in out of step and split the batch (16 emulated boards:
+        passes of 2-12 sessions of 16 for the first rounds of a window). Fed in passes of a few
+        tokens meanwhile, the backlog costs about one drafted token's time per `KEEP_UP_TOKENS`
+        tokens the server commits."""
+        if len(self._unfed) >= KEEP_UP_TOKENS:
+            self.catch_up()
 
     def draft(
         self, k_suggested: int | None, params: SamplingParams, rng: np.random.Generator
@@ -240,8 +259,8 @@ class Drafter:
 
     def follow(self, tokens: Sequence[int]) -> None:
         """Tokens the server committed without a draft (it decodes alone while speculation
-        does not pay). They reach the cache only when the board drafts again, all in one
-        pass: a board that is not drafting spends nothing."""
+        does not pay). They reach the cache in passes of `KEEP_UP_TOKENS` while the board
+        waits (`keep_up`), the rest when it drafts again."""
         if self._pending is not None:
             raise RuntimeError("a draft is awaiting a verdict: commit() it instead")
         if not self._unfed:

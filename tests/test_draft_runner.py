@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
-from device.drafter import Drafter
+from device.drafter import KEEP_UP_TOKENS, Drafter
 from device.manifest import MANIFEST_FILE, DraftModelError
 from device.runner import DraftRunner
 from fleet.sampling import SamplingParams
@@ -291,7 +291,7 @@ def test_forked_runners_share_the_session_but_not_the_cache(runner, prompt):
     assert twin.length == len(prompt) and not np.array_equal(other, first)
 
 
-def test_a_session_that_never_drafts_never_feeds_the_draft_model(runner, prompt, torch_draft):
+def test_a_session_that_does_not_draft_feeds_the_draft_model_only_when_asked(runner, prompt, torch_draft):
     """start() and an opening without a draft leave the cache empty; the server's tokens
     (the opening verdict's, then pushed ones) queue up, and the first real draft feeds them
     all in one pass and drafts what a drafter fed token by token would."""
@@ -306,5 +306,30 @@ def test_a_session_that_never_drafts_never_feeds_the_draft_model(runner, prompt,
     drafter.catch_up()
     context = [*prompt, server_tokens[0], 11, 12]
     assert runner.length == len(context)
+    batch = drafter.draft(4, GREEDY, np.random.default_rng(0))
+    assert list(batch.tokens) == torch_greedy_after(torch_draft, context, list(batch.tokens[:3]))
+
+
+def test_a_waiting_board_keeps_its_cache_up_in_passes_of_a_few_tokens(runner, prompt, torch_draft):
+    """While an open without a draft is in the server's prefill, keep_up feeds the prompt;
+    tokens the server then decodes alone are fed once KEEP_UP_TOKENS of them are missing, and
+    the draft after that is what a drafter fed token by token would draft."""
+    assert len(prompt) >= KEEP_UP_TOKENS
+    drafter = Drafter(runner, k_max=4, threshold=0.0, top_k=8)
+    drafter.start(prompt)
+    drafter.draft(0, GREEDY, np.random.default_rng(0))
+    drafter.keep_up()
+    assert runner.length == len(prompt)
+    first = torch_greedy_after(torch_draft, prompt, [])[0]
+    drafter.commit(0, first)
+    pushed = [11, 12, 13, 14, 15, 16, 17, 18, 19]
+    assert runner.length == len(prompt) + 1  # the commit fed the server's first token
+    drafter.follow(pushed[: KEEP_UP_TOKENS - 1])
+    drafter.keep_up()  # one token short
+    assert runner.length == len(prompt) + 1
+    drafter.follow(pushed[KEEP_UP_TOKENS - 1 :])
+    drafter.keep_up()
+    context = [*prompt, first, *pushed]
+    assert runner.length == len(context) and drafter.committed_length == len(context)
     batch = drafter.draft(4, GREEDY, np.random.default_rng(0))
     assert list(batch.tokens) == torch_greedy_after(torch_draft, context, list(batch.tokens[:3]))
