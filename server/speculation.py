@@ -60,6 +60,10 @@ PRIOR_ROUND_TRIP_S = 0.010
 # A drafted token must add at least this fraction of its session's rate: a flat optimum is no
 # reason to load the server.
 RATE_TOLERANCE = 1e-3
+# A batch handed over starts drafting again only where the model says that gains at least
+# this share: a switch costs what the model does not see (drafts of the first round out of
+# step, the boards' catch-up, a load fit from a few passes at a new size).
+SWITCH_MARGIN = 0.05
 # Load fit: recent (tokens, seconds) samples kept; timing noise below this fraction of the
 # mean is not evidence of a knee; each parameter a model adds must pay for itself by this much
 # in the information criterion (2 is Akaike's; more keeps jitter from passing for a knee).
@@ -560,6 +564,7 @@ def plan_batch(
     plain_sessions: int = 0,
     plain_round_trip_s: float = PRIOR_ROUND_TRIP_S,
     plain_cost: LoadModel | None = None,
+    hand_off_margin: float = RATE_TOLERANCE,
 ) -> list[int]:
     """Speculation lengths for the sessions of the next batch, chosen together.
 
@@ -570,7 +575,8 @@ def plan_batch(
     the cheap tokens below the knee that two would use better; handing them out one at a time
     shares them by marginal value (optimal when each session's gain is concave in k, as
     geometric acceptance makes it). `cost` prices passes with drafted tokens, `plain_cost`
-    (default: the same) passes without, for the final choice of handing the batch over.
+    (default: the same) passes without, for the final choice of handing the batch over: the
+    batch is handed over unless drafting beats that by `hand_off_margin` of its rate.
     A lone session whose one-token pass is priced apart (`LoadModel.single_s`) climbs from
     k = 1 instead: the step to a matrix product is not concave, and no single token pays it.
     """
@@ -608,22 +614,23 @@ def plan_batch(
         if not worth.any():
             break
         ks[int(np.argmax(np.where(worth, gain, -np.inf)))] += 1
-    return _prefer_hand_off(batch, ks).tolist()
+    return _prefer_hand_off(batch, ks, hand_off_margin).tolist()
 
 
-def _prefer_hand_off(batch: _Batch, ks: np.ndarray) -> np.ndarray:
+def _prefer_hand_off(batch: _Batch, ks: np.ndarray, margin: float) -> np.ndarray:
     """The ascent charges a session at k = 0 its round trip, so that a first drafted token is
     judged by what it adds, not by the round trip it brings. Sessions at k = 0 are in fact
     handed to the server, with no round trip at all, and then the drafters beside them are
     held for or miss passes (`_Batch.rate`). So the plan is judged as the service runs it, against
     the whole batch drafting (its sessions at 0 drafting one token, in lockstep with the rest)
-    and the whole batch handed over (plain continuous batching), which wins ties. Sessions are
+    and the whole batch handed over (plain continuous batching), which wins ties and anything
+    within `margin`. Sessions are
     not zeroed one by one: a session at 0 drafts nothing, so its acceptance estimate would
     stay wherever noise had left it (simulated, that cost up to 9% against the best fixed k)."""
     zeros = np.zeros_like(ks)
     candidates = [ks, np.maximum(ks, 1)] if ks.any() and batch.k_max > 0 else [ks]
     best = max(candidates, key=batch.rate)
-    return zeros if batch.rate(zeros) >= batch.rate(best) * (1 - RATE_TOLERANCE) else best
+    return zeros if batch.rate(zeros) >= batch.rate(best) * (1 - margin) else best
 
 
 def round_trip_s(
@@ -681,6 +688,7 @@ class SpeculationPolicy:
         self._outdone = False
         self._plan: dict[str, int] = {}
         self._planned_for = 0  # the pending_sessions the plan was made for
+        self._drafting = False  # whether the plan of the last pass had any session draft
         self.log = get_logger(component="speculation")
 
     def observe_batch(
@@ -704,7 +712,8 @@ class SpeculationPolicy:
         # the three passes of a plain probe among 16 sessions out of step all passed for
         # drafting ones, and plain rounds were never measured at that load.
         ended = time.monotonic() if at is None else at
-        self.realized.observe(any(self._plan.values()), committed, sessions, ended, prefill_s)
+        self._drafting = any(self._plan.values())
+        self.realized.observe(self._drafting, committed, sessions, ended, prefill_s)
         self._plan = {}
 
     def observe_verdict(
@@ -743,11 +752,17 @@ class SpeculationPolicy:
             # Sessions not known yet are most likely boards like the others: their round trip.
             typical = float(np.mean([e.round_trip_s for e in estimates]))
             cost, plain_cost = self.load.costs()
-            ks = plan_batch(estimates, cost, self.k_max, plain, typical, plain_cost)
+            # Starting to draft must pay for the switch; once drafting, any gain keeps it on.
+            margin = RATE_TOLERANCE if self._drafting else SWITCH_MARGIN
+            ks = plan_batch(estimates, cost, self.k_max, plain, typical, plain_cost, margin)
             drafting, plain_rounds = (self.realized.estimate(kind, pending_sessions) for kind in (True, False))
             outdone = plain_delivers_more(drafting, plain_rounds)
             ks = self._probe(
-                ks, lambda: plan_batch(estimates, plain_cost, self.k_max, plain, typical), outdone,
+                ks,
+                lambda: plan_batch(
+                    estimates, plain_cost, self.k_max, plain, typical, hand_off_margin=SWITCH_MARGIN
+                ),
+                outdone,
                 plain_unmeasured=plain_rounds is None and drafting is not None,
             )
             self._plan = dict(zip(keys, ks, strict=True))

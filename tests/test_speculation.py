@@ -16,6 +16,7 @@ from server.speculation import (
     PROBE_FIRST,
     PROBE_PASSES,
     REALIZED_MIN,
+    SWITCH_MARGIN,
     FixedSpeculation,
     LoadEstimator,
     LoadModel,
@@ -243,6 +244,40 @@ def test_a_compute_bound_server_takes_the_sessions_over() -> None:
     far = session(0.6, draft_step_s=0.117, round_trip=0.1)
     assert plan_batch([far, far], cost, K_MAX) == [0, 0]
     assert batch_rate([far] * 2, [1, 1], cost, hand_off=False) > batch_rate([far] * 2, [0, 0], cost, hand_off=False)
+
+
+@pytest.mark.parametrize(("alpha", "drafts"), [(0.5, False), (0.8, True)])
+def test_starting_to_draft_must_gain_more_than_a_switch_costs(alpha: float, drafts: bool) -> None:
+    """16 sessions at the CPU shape's knee: the plan drafts at acceptance 0.5 for a gain of a
+    few percent and at 0.8 for more. With SWITCH_MARGIN (the plan of a batch that is handed
+    over) only the second drafts."""
+    batch = [session(alpha)] * 16
+    ks = plan_batch(batch, CPU, K_MAX)
+    gain = batch_rate(batch, ks, CPU) / batch_rate(batch, [0] * 16, CPU)
+    assert gain > 1.01 and (gain > 1 + SWITCH_MARGIN) is drafts, gain
+    assert any(plan_batch(batch, CPU, K_MAX, hand_off_margin=SWITCH_MARGIN)) is drafts
+
+
+def test_a_handed_over_batch_starts_drafting_only_beyond_the_switch_margin() -> None:
+    """16 sessions decoded plain whose drafts would gain a few percent stay plain; once a
+    better draft has them drafting, the same few percent keep them drafting."""
+    policy = SpeculationPolicy(K_MAX, prior_load=CPU)
+    _measure(policy, CPU)
+    keys = [f"b{i}/s" for i in range(16)]
+    rng = np.random.default_rng(0)
+
+    def plan_after_rounds(alpha: float) -> list[int]:
+        for _ in range(60):
+            for key in keys:
+                policy.observe_verdict(key, key.split("/")[0], 1, int(rng.random() < alpha), 20.0, 0.01)
+        ks = [policy.next_k(key, pending_sessions=16) for key in keys]
+        tokens = 16 + sum(ks)
+        policy.observe_batch(tokens, float(CPU.seconds(tokens)), drafted=sum(ks))
+        return ks
+
+    assert not any(plan_after_rounds(0.5)), "a few percent do not pay for the switch"
+    assert any(plan_after_rounds(0.9)), "a good draft does"
+    assert any(plan_after_rounds(0.5)), "drafting, a few percent keep it on"
 
 
 # A memory-bound server (0.5 s a pass, whatever its size) and Pi-5-slow boards whose drafts
