@@ -780,8 +780,8 @@ class SpeculationPolicy:
         """The plan, or for `PROBE_PASSES` passes the other kind of round: plain decoding
         (every session handed over) after drafting, and after plain passes, drafting as the
         plan would choose it if both kinds cost the same (`drafting`; none if even then it does
-        not pay). Each kind's scale is measured only while the plan chooses it: without a
-        fresh look, one taken under passing load (a burst of session opens, boards catching
+        not gain `SWITCH_MARGIN`). Each kind's scale is measured only while the plan chooses
+        it: without a fresh look, one taken under passing load (a burst of session opens, boards catching
         their caches up) would keep the plan on the other kind for ever. A probe comes after
         `PROBE_FIRST` passes of one kind; each probe that leaves the choice as it was doubles
         that (up to `PROBE_MAX`), one that changes it starts again from `PROBE_FIRST`: quick to
