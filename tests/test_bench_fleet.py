@@ -33,6 +33,7 @@ from fleet.bench.workload import (
     percentile,
     shipped_bench_prompts,
     time_between_tokens,
+    tokens_in_window,
 )
 
 BOARDS = [1, 2]
@@ -149,6 +150,31 @@ def test_record_finish_and_time_between_tokens() -> None:
     # The first chunk is time to first token; later chunks spread their gap over their tokens.
     assert time_between_tokens([record], (0.0, 100.0)) == pytest.approx([0.5, 0.1])
     assert time_between_tokens([record], (11.55, 100.0)) == pytest.approx([0.1])
+
+
+@pytest.mark.parametrize("phase", [0.0, 1.0, 2.5, 3.9])
+def test_tokens_in_a_window_do_not_depend_on_where_the_bursts_fall(phase: float) -> None:
+    """32 sessions committing one token each every 4 s (all 32 at the end of each pass): a
+    25 s window gets 25 / 4 passes' worth, 200 tokens, whatever the phase of the passes. By
+    arrival it got six passes or seven (192 or 224)."""
+    job = Job(index=0, prompt_index=0, kind="code", prompt="x", greedy=True)
+    ends = [phase + 4.0 * i for i in range(12)]
+    records = [
+        RequestRecord(job=job, board=f"b{b}", sent=-4.0, chunks=[(end, 1) for end in ends])
+        for b in range(32)
+    ]
+    assert tokens_in_window(records, (10.0, 35.0)) == pytest.approx(200.0)
+    by_arrival = sum(1 for end in ends if 10.0 <= end <= 35.0) * 32
+    assert by_arrival in (192, 224)
+
+
+def test_a_chunk_counts_for_the_part_of_its_wait_inside_the_window() -> None:
+    """A chunk of 4 tokens arriving 2 s after the previous one, the window covering the last
+    half of that wait, counts 2; a first chunk is spread from the request's sending."""
+    job = Job(index=0, prompt_index=0, kind="code", prompt="x", greedy=True)
+    record = RequestRecord(job=job, board="b", sent=0.0, chunks=[(1.0, 2), (3.0, 4)])
+    assert tokens_in_window([record], (2.0, 10.0)) == pytest.approx(2.0)
+    assert tokens_in_window([record], (0.5, 10.0)) == pytest.approx(5.0)
 
 
 def test_percentile() -> None:

@@ -28,7 +28,7 @@ class PointResult(BaseModel):
     window_s: float
     requests: int
     errors: int
-    tokens: int  # committed inside the window
+    tokens: float  # delivered inside the window (workload.tokens_in_window)
     system_tok_s: float
     session_tok_s: float
     tbt_ms_p50: float | None
