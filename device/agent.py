@@ -486,8 +486,7 @@ class Generation:
         device = self.agent.settings.device
         deadline = time.monotonic() + device.verdict_timeout_s
         ahead = device.pipeline and not device.server_decodes
-        if not device.server_decodes:
-            self.drafter.keep_up()  # with no draft out, the wait is the cheapest time for it
+        self.drafter.keep_up()  # with no draft out, the wait is the cheapest time for it
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

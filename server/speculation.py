@@ -522,8 +522,8 @@ class _Batch:
         """With `hand_off`, a session at k = 0 is decoded by the server alone: its rounds
         have no drafting and no round trip, only the shared forward pass (what the service
         does), and the sessions drafting beside it are held for or miss passes
-        (`_beside_handed_over`). Without, every round pays its round trip (what the ascent optimises). A batch in which nothing is
-        drafted costs `plain_cost`."""
+        (`_beside_handed_over`). Without, every round pays its round trip (what the ascent
+        optimises). A batch in which nothing is drafted costs `plain_cost`."""
         verify = (self.cost if ks.any() else self.plain_cost).seconds(self.tokens(ks))
         overhead = self.round_trip_s + self.step_s * ks
         if hand_off:
@@ -621,12 +621,12 @@ def _prefer_hand_off(batch: _Batch, ks: np.ndarray, margin: float) -> np.ndarray
     """The ascent charges a session at k = 0 its round trip, so that a first drafted token is
     judged by what it adds, not by the round trip it brings. Sessions at k = 0 are in fact
     handed to the server, with no round trip at all, and then the drafters beside them are
-    held for or miss passes (`_Batch.rate`). So the plan is judged as the service runs it, against
-    the whole batch drafting (its sessions at 0 drafting one token, in lockstep with the rest)
-    and the whole batch handed over (plain continuous batching), which wins ties and anything
-    within `margin`. Sessions are
-    not zeroed one by one: a session at 0 drafts nothing, so its acceptance estimate would
-    stay wherever noise had left it (simulated, that cost up to 9% against the best fixed k)."""
+    held for or miss passes (`_Batch.rate`). So the plan is judged as the service runs it,
+    against the whole batch drafting (its sessions at 0 drafting one token, in lockstep with
+    the rest) and the whole batch handed over (plain continuous batching), which wins ties and
+    anything within `margin`. Sessions are not zeroed one by one: a session at 0 drafts
+    nothing, so its acceptance estimate would stay wherever noise had left it (simulated, that
+    cost up to 9% against the best fixed k)."""
     zeros = np.zeros_like(ks)
     candidates = [ks, np.maximum(ks, 1)] if ks.any() and batch.k_max > 0 else [ks]
     best = max(candidates, key=batch.rate)
@@ -754,7 +754,7 @@ class SpeculationPolicy:
             cost, plain_cost = self.load.costs()
             # Starting to draft must pay for the switch; once drafting, any gain keeps it on.
             margin = RATE_TOLERANCE if self._drafting else SWITCH_MARGIN
-            ks = plan_batch(estimates, cost, self.k_max, plain, typical, plain_cost, margin)
+            ks = plan_batch(estimates, cost, self.k_max, plain, typical, plain_cost, hand_off_margin=margin)
             drafting, plain_rounds = (self.realized.estimate(kind, pending_sessions) for kind in (True, False))
             outdone = plain_delivers_more(drafting, plain_rounds)
             ks = self._probe(
@@ -781,8 +781,8 @@ class SpeculationPolicy:
         (every session handed over) after drafting, and after plain passes, drafting as the
         plan would choose it if both kinds cost the same (`drafting`; none if even then it does
         not gain `SWITCH_MARGIN`). Each kind's scale is measured only while the plan chooses
-        it: without a fresh look, one taken under passing load (a burst of session opens, boards catching
-        their caches up) would keep the plan on the other kind for ever. A probe comes after
+        it: without a fresh look, one taken under passing load (a burst of session opens,
+        boards catching their caches up) would keep the plan on the other kind for ever. A probe comes after
         `PROBE_FIRST` passes of one kind; each probe that leaves the choice as it was doubles
         that (up to `PROBE_MAX`), one that changes it starts again from `PROBE_FIRST`: quick to
         find the better kind, then rarely paying for a look at the worse. Until a drafting
@@ -800,7 +800,8 @@ class SpeculationPolicy:
         its `REALIZED_MIN` passes there) probes plain at once rather than after
         `PROBE_FIRST` passes: speculation must show that it beats the server alone, and at
         16 boards in float32, at 2-3 s a pass, 8 passes of a drafting plan that delivered less
-        than plain decoding were most of a window. Plain decoding is never probed early: it is what the server alone does."""
+        than plain decoding were most of a window. Plain decoding is never probed early: it is
+        what the server alone does."""
         if self._probe_drafts and not self._probe_left:
             self._outdone = False  # the first plan after a drafting probe judges afresh
         if outdone:
