@@ -80,6 +80,10 @@ REALIZED_MIN = 3
 PROBE_FIRST = 8
 PROBE_MAX = 128
 PROBE_PASSES = 3
+# A plan drafts only a batch of tokens the load fit has measured: at least LOAD_SUPPORT recent
+# passes of LOAD_SUPPORT_SHARE of its tokens or more (see SpeculationPolicy._probe).
+LOAD_SUPPORT = 3
+LOAD_SUPPORT_SHARE = 0.75
 LOAD_NOISE_FLOOR = 0.02
 LOAD_PARAMETER_PENALTY = 3.0
 
@@ -261,6 +265,14 @@ class LoadEstimator:
     def measured(self, drafted: bool) -> bool:
         """Whether any recent pass was with (`drafted`) or without drafted tokens."""
         return any(kind == drafted for _, _, kind in self._samples)
+
+    def supports(self, total_tokens: float) -> bool:
+        """Whether the fit has measured passes of about `total_tokens` or more (`LOAD_SUPPORT`
+        of them within `LOAD_SUPPORT_SHARE`), so that its price there is read off passes, not
+        extrapolated: a fresh server at 32 boards in float32, its largest passes the 32 tokens
+        of plain decoding, priced a pass of 64 at about 4.4 s, drafted, and paid 6.1 s."""
+        floor = LOAD_SUPPORT_SHARE * total_tokens
+        return sum(tokens >= floor for tokens, _, _ in self._samples) >= LOAD_SUPPORT
 
     def passes_since(self, drafted: bool) -> int:
         """Passes observed since the last one with (`drafted`) or without drafted tokens."""
@@ -764,6 +776,7 @@ class SpeculationPolicy:
                 ),
                 outdone,
                 plain_unmeasured=plain_rounds is None and drafting is not None,
+                tokens=len(keys) + plain + sum(ks),
             )
             self._plan = dict(zip(keys, ks, strict=True))
             self._planned_for = pending_sessions
@@ -775,7 +788,12 @@ class SpeculationPolicy:
         return self._plan[session_key]
 
     def _probe(
-        self, ks: list[int], drafting: Callable[[], list[int]], outdone: bool, plain_unmeasured: bool
+        self,
+        ks: list[int],
+        drafting: Callable[[], list[int]],
+        outdone: bool,
+        plain_unmeasured: bool,
+        tokens: int,
     ) -> list[int]:
         """The plan, or for `PROBE_PASSES` passes the other kind of round: plain decoding
         (every session handed over) after drafting, and after plain passes, drafting as the
@@ -801,23 +819,32 @@ class SpeculationPolicy:
         `PROBE_FIRST` passes: speculation must show that it beats the server alone, and at
         16 boards in float32, at 2-3 s a pass, 8 passes of a drafting plan that delivered less
         than plain decoding were most of a window. Plain decoding is never probed early: it is
-        what the server alone does."""
+        what the server alone does. A plan that would draft a batch of more `tokens` than the
+        load fit has measured (`LoadEstimator.supports`) decodes plain instead, and its
+        drafting probe comes after `PROBE_FIRST` passes whatever the interval has grown to:
+        the probe measures passes of about that size, and a price extrapolated from smaller
+        ones does not send a whole fleet drafting."""
         if self._probe_drafts and not self._probe_left:
             self._outdone = False  # the first plan after a drafting probe judges afresh
         if outdone:
             self._outdone = True
         if not self.load.measured(drafted=True) or self._outdone:
             ks = [0] * len(ks)
+        wanted = any(ks)
+        unmeasured = wanted and not self.load.supports(tokens)
+        if unmeasured:
+            ks = [0] * len(ks)
         chosen = any(ks)
         if self._probe_left:
             self._probe_left -= 1
             return drafting() if self._probe_drafts else [0] * len(ks)
         if self._probe_drafts is not None:  # the first plan after a probe
-            kept = chosen == self._chosen_before_probe
+            kept = wanted == self._chosen_before_probe
             self._probe_every = min(PROBE_MAX, 2 * self._probe_every) if kept else PROBE_FIRST
             self._probe_drafts = None
         early = chosen and plain_unmeasured
-        if self.load.passes_since(not chosen) < self._probe_every and not early:
+        every = PROBE_FIRST if unmeasured else self._probe_every
+        if self.load.passes_since(not chosen) < every and not early:
             return ks
         self._probe_drafts, self._chosen_before_probe = not chosen, chosen
         self._probe_left = PROBE_PASSES - 1

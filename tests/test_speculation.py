@@ -13,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.speculation import (
+    LOAD_SUPPORT,
+    LOAD_SUPPORT_SHARE,
     PROBE_FIRST,
     PROBE_PASSES,
     REALIZED_MIN,
@@ -638,14 +640,16 @@ def _drive(
     the service drives the policy: each pass of 0.2 s is observed, then each session's
     verdict, then the ks of the next pass. Passes of a drafting plan commit
     `drafting_delivers` times what plain ones do, after `prefill_s` of prefilling each (a
-    session opened before each); at pass 4 the boards open sessions with a draft, so that
-    drafting is measured. Returns the last ks."""
+    session opened before each); at passes 4 to 6 the boards send drafts of 16 tokens (sessions
+    opened with a draft), so that drafting is measured at the sizes planned. Returns the last
+    ks."""
     at, ks = 0.0, [0] * 4
     for n in range(passes):
         prefill = prefill_s if any(ks) else 0.0
         at += 0.2 + prefill
         committed = round(4 * drafting_delivers) if any(ks) else 4
-        ks = _pass(policy, 8 if n == 4 else sum(ks), committed, at, prefill)
+        opening = 4 <= n < 4 + LOAD_SUPPORT
+        ks = _pass(policy, 16 if opening else sum(ks), committed, at, prefill)
     return ks
 
 
@@ -674,7 +678,10 @@ def test_a_hand_over_on_what_rounds_delivered_holds_until_drafting_is_probed() -
 
 
 def _warm_up(policy: SpeculationPolicy, passes: int = 5) -> float:
-    """Plain passes of 0.2 s over one session (a one-session warm-up); returns when they end."""
+    """Plain passes of 0.2 s over one session (a one-session warm-up), on a server whose load
+    fit has measured passes of 20 tokens before (an earlier fleet's); returns when they end."""
+    for _ in range(LOAD_SUPPORT):
+        policy.load.observe(20, 0.2, drafted=True)
     at = 0.0
     for _ in range(passes):
         at += 0.2
@@ -716,7 +723,7 @@ def test_a_pass_counts_for_the_plan_it_was_asked_for() -> None:
     plan; the passes of a plain probe made since count as plain all the same (here plain
     passes commit twice what drafting ones do, so counting them raises plain's rate)."""
     policy = SpeculationPolicy(K_MAX, prior_load=FLAT_SMALL)
-    ks = _drive(policy, 6, drafting_delivers=1.0)
+    ks = _drive(policy, 4 + LOAD_SUPPORT, drafting_delivers=1.0)
     policy.observe_verdict("late/s", "late", 4, 3, draft_ms=5.0, rtt_s=0.005)
     assert policy.next_k("late/s", pending_sessions=4) > 0
     before = policy.realized.estimate(False, 4)
@@ -779,3 +786,28 @@ def test_unknown_policy_kind_is_refused() -> None:
     assert type(make_policy("adaptive", 4)) is SpeculationPolicy
     with pytest.raises(ValueError, match="unknown speculation policy 'greedy'"):
         make_policy("greedy", 4)  # type: ignore[arg-type]
+
+
+def test_a_batch_larger_than_any_measured_waits_for_the_drafting_probe() -> None:
+    """16 sessions on a server whose drafting was measured at one session (passes of 9
+    tokens) and whose largest passes are the 16 tokens of plain decoding: the plan that would
+    draft some 80 tokens decodes plain (its price would be extrapolated), the drafting probe
+    after PROBE_FIRST passes measures passes of that size, and drafting, which pays there,
+    stays."""
+    policy = SpeculationPolicy(K_MAX, prior_load=GPU)
+    keys = [f"b{i}/s" for i in range(16)]
+    for _ in range(LOAD_SUPPORT):
+        policy.observe_batch(9, float(GPU.seconds(9)), drafted=8)
+    plain_before = 5
+    for _ in range(plain_before):
+        policy.observe_batch(16, float(GPU.seconds(16)), drafted=0)
+    drafted_in, waiting = [], PROBE_FIRST - plain_before
+    for _ in range(waiting + PROBE_PASSES + 4):
+        for key in keys:
+            policy.observe_verdict(key, key.split("/")[0], 4, 4, draft_ms=1.0, rtt_s=0.001)
+        ks = [policy.next_k(key, pending_sessions=16) for key in keys]
+        drafted = sum(ks)
+        policy.observe_batch(16 + drafted, float(GPU.seconds(16 + drafted)), drafted)
+        drafted_in.append(drafted)
+    assert all(d == 0 for d in drafted_in[:waiting]), drafted_in
+    assert min(drafted_in[waiting:]) > 16 / LOAD_SUPPORT_SHARE, drafted_in
