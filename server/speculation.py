@@ -839,6 +839,9 @@ class SpeculationPolicy:
             self._probe_left -= 1
             return drafting() if self._probe_drafts else [0] * len(ks)
         if self._probe_drafts is not None:  # the first plan after a probe
+            # Against what the plan wants now: a drafting probe that found a plain plan's
+            # batch worth drafting has changed the choice, even while the batch is still
+            # larger than the probe measured.
             kept = wanted == self._chosen_before_probe
             self._probe_every = min(PROBE_MAX, 2 * self._probe_every) if kept else PROBE_FIRST
             self._probe_drafts = None
