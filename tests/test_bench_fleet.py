@@ -15,9 +15,17 @@ import torch
 from typer.testing import CliRunner
 
 from fleet.bench.cpus import server_side, split_cpus
-from fleet.bench.fleet import MODE_SETS, MODES, bench_command, expand_modes, run_fleet_bench
+from fleet.bench.fleet import (
+    MODE_SETS,
+    MODES,
+    bench_command,
+    expand_modes,
+    fleet_schedule,
+    run_fleet_bench,
+)
 from fleet.bench.profiles import PROFILES, get_profile
 from fleet.bench.report import (
+    BenchConfig,
     BenchReport,
     PointResult,
     capacity_of,
@@ -233,6 +241,9 @@ def test_lossless_check_reports_the_first_divergence() -> None:
         ({"emulate": False, "board_step_ms": 10.0}, "emulated boards only"),
         ({"boards_for": {"pipelining": [1]}}, "do not run: sled-pipelined-rtt100"),
         ({"boards_for": {"sled": [0]}}, "boards"),
+        ({"repeats_for": {"sled-k4": 2}}, "repeats given for modes that do not run: sled-k4"),
+        ({"repeats_for": {"sled": 0}}, "at least 1"),
+        ({"repeats_for": {"target": 2}}, "only fleet modes repeat"),
         ({"board_cpus": len(os.sched_getaffinity(0))}, "leave the server at least one"),
     ],
 )
@@ -254,6 +265,23 @@ def test_cpu_split_gives_the_boards_the_last_cpus_and_is_undone() -> None:
     assert os.sched_getaffinity(0) == allowed and torch.get_num_threads() == threads
 
 
+def test_repeated_modes_alternate_so_that_drift_falls_on_both() -> None:
+    config = BenchConfig(
+        models="tiny", boards=[1, 4], duration_s=1.0, modes=["sled", "server-only", "sled-k2"],
+        sampling="mixed", max_new_tokens=8, dtype="float32", k_max=4, threshold=0.3, emulate=True,
+        profile="rpi5", target_rate=None, peer_requests=1, boards_for={"sled-k2": [4]},
+        repeats_for={"sled": 2, "server-only": 2},
+    )
+    assert fleet_schedule(config, config.modes) == [
+        (1, "sled", 0), (1, "server-only", 0), (1, "server-only", 1), (1, "sled", 1),
+        (4, "sled", 0), (4, "server-only", 0), (4, "sled-k2", 0), (4, "server-only", 1), (4, "sled", 1),
+    ]
+    config.repeats_for = {"sled": 3}
+    assert [(mode, run) for n, mode, run in fleet_schedule(config, config.modes) if n == 1] == [
+        ("sled", 0), ("server-only", 0), ("sled", 1), ("sled", 2),
+    ]
+
+
 def test_cli_rejects_bad_boards() -> None:
     import typer
 
@@ -261,6 +289,9 @@ def test_cli_rejects_bad_boards() -> None:
     app.command()(bench_command)
     result = CliRunner().invoke(app, ["--boards", "1,x"])
     assert result.exit_code != 0 and "--boards" in result.output
+    for repeats in ("sled", "sled=2,3", "sled=x"):
+        result = CliRunner().invoke(app, ["--repeats-for", repeats])
+        assert result.exit_code != 0 and "--repeats-for" in result.output, repeats
 
 
 def test_profiles_declare_their_basis() -> None:
@@ -290,7 +321,7 @@ def beyond() -> BenchReport:
     emulated at 20 ms a token so that a 100 ms round trip leaves room to draft ahead."""
     return run_fleet_bench(
         "tiny", boards=[2], duration_s=3.0, max_new_tokens=24, modes=BEYOND, board_step_ms=20.0,
-        boards_for={"sled": [1, 2], "server-only": [1, 2]},
+        boards_for={"sled": [1, 2], "server-only": [1, 2]}, repeats_for={"sled": 2},
     )
 
 
@@ -315,10 +346,20 @@ def test_comparison_modes_run_and_are_compared(beyond: BenchReport) -> None:
     assert [p.boards for p in beyond.modes["sled"].points] == [1, 2]
     assert [p.boards for p in beyond.modes["sled-k2"].points] == [2]
     assert set(beyond.throughput_ratios) == {1, 2}
-    assert "--boards-for sled=1,2" in beyond.command
+    assert "--boards-for sled=1,2" in beyond.command and "--repeats-for sled=2" in beyond.command
     assert beyond.throughput_ratios[2] == pytest.approx(
         beyond.modes["sled"].at(2).system_tok_s / beyond.modes["server-only"].at(2).system_tok_s
     )
+
+
+def test_a_repeated_point_pools_its_runs(beyond: BenchReport) -> None:
+    for n in (1, 2):
+        point = beyond.modes["sled"].at(n)
+        assert len(point.system_tok_s_runs) == 2 and all(rate > 0 for rate in point.system_tok_s_runs)
+        assert point.window_s == pytest.approx(2 * 3.0)
+        assert point.system_tok_s == pytest.approx(sum(point.system_tok_s_runs) / 2)  # equal windows
+    assert beyond.modes["server-only"].at(2).system_tok_s_runs == []
+    assert beyond.modes["server-only"].at(2).window_s == pytest.approx(3.0)
 
 
 def test_link_and_pipelining_show_in_the_figures(beyond: BenchReport) -> None:

@@ -247,11 +247,14 @@ def run_fleet_bench(
     board_step_ms: float | None = None,
     boards_for: dict[str, Sequence[int]] | None = None,
     board_cpus: int = 0,
+    repeats_for: dict[str, int] | None = None,
     home: Path | None = None,
     progress: ProgressFn | None = None,
 ) -> BenchReport:
     """Run every mode at every number of boards; see the module docstring. `boards_for`
-    gives some modes (or sets of modes) their own numbers of boards instead.
+    gives some modes (or sets of modes) their own numbers of boards instead; `repeats_for`
+    runs some modes several times at each of their N (fleet_schedule), each point pooling
+    its runs.
 
     Emulated boards take `board_step_ms` per drafted token when given (a figure measured on
     the real board beats the profile's estimate), else this machine's measured draft step
@@ -269,6 +272,7 @@ def run_fleet_bench(
             for name, counts in (boards_for or {}).items()
             for mode in expand_modes([name])
         },
+        repeats_for={mode: repeats for name, repeats in (repeats_for or {}).items() for mode in expand_modes([name])},
         sampling=sampling,
         max_new_tokens=max_new_tokens,
         dtype=dtype or ("bfloat16" if models == "qwen" else "float32"),
@@ -302,21 +306,21 @@ def run_fleet_bench(
         log.info("draft_step_measured", step_ms=round(step_ms, 3), emulated_ms=emulated_ms)
         tokenizer = _tokenizer(bench_models.fleet.draft_dir)
         fleet_modes = [MODES[name] for name in config.modes if isinstance(MODES[name], FleetMode)]
-        measured: dict[str, list[_FleetPoint]] = {mode.name: [] for mode in fleet_modes}
-        for n in sorted({n for mode in fleet_modes for n in config.boards_of(mode.name)}):
-            for mode in (m for m in fleet_modes if n in config.boards_of(m.name)):
-                done = _run_fleet_point(
-                    mode, n, config, bench_models.fleet, workdir / f"{mode.name}-{n}", plan,
-                    emulated_ms, tokenizer, progress, split,
-                )
-                measured[mode.name].append(done)
-                runs[f"{mode.name}@{n}"] = done.records
-                gc.collect()  # the next fleet loads the target again
+        done: dict[tuple[str, int], list[_FleetRun]] = {}
+        for n, name, run in fleet_schedule(config, [mode.name for mode in fleet_modes]):
+            fleet_run = _run_fleet_point(
+                MODES[name], n, config, bench_models.fleet, workdir / f"{name}-{n}-{run + 1}", plan,
+                emulated_ms, tokenizer, progress, split,
+            )
+            done.setdefault((name, n), []).append(fleet_run)
+            runs[f"{name}@{n}" + (f"#{run + 1}" if run else "")] = fleet_run.records
+            gc.collect()  # the next fleet loads the target again
         for mode in fleet_modes:
+            counts = config.boards_of(mode.name)
             results[mode.name] = ModeReport(
                 name=mode.name, kind="fleet", description=mode.description,
-                points=[done.point for done in measured[mode.name]],
-                verify_cost=_verify_cost([p for done in measured[mode.name] for p in done.passes]),
+                points=[_fleet_point(n, done[mode.name, n], mode) for n in counts],
+                verify_cost=_verify_cost([p for n in counts for r in done[mode.name, n] for p in r.passes]),
             )
         peers = [MODES[name] for name in config.modes if isinstance(MODES[name], PeerMode)]
         if peers:
@@ -381,6 +385,12 @@ def _check_config(config: BenchConfig) -> None:
         raise ValueError("no modes to run")
     if stray := sorted(set(config.boards_for) - set(config.modes)):
         raise ValueError(f"boards given for modes that do not run: {', '.join(stray)}")
+    if stray := sorted(set(config.repeats_for) - set(config.modes)):
+        raise ValueError(f"repeats given for modes that do not run: {', '.join(stray)}")
+    if peers := sorted(m for m in config.repeats_for if MODES[m].kind == "peer"):
+        raise ValueError(f"only fleet modes repeat, not {', '.join(peers)}")
+    if any(repeats < 1 for repeats in config.repeats_for.values()):
+        raise ValueError(f"repeats must be at least 1, got {config.repeats_for}")
     if not 1 <= config.max_new_tokens <= 4096:
         raise ValueError(f"max_new_tokens must be 1..4096, got {config.max_new_tokens}")
     if config.target_rate is not None and config.target_rate <= 0:
@@ -544,10 +554,35 @@ def _generation_cpu_s() -> float:
 
 
 @dataclass
-class _FleetPoint:
-    point: PointResult
+class _FleetRun:
+    """One fresh fleet of one mode at one N, and what its measuring window saw."""
+
+    window: tuple[float, float]
     records: list[RequestRecord]
     passes: list[BatchRecord]  # after warm-up
+    window_passes: list[BatchRecord]
+    rss_growth_mb: float
+    load_avg_1m: float
+    board_cpu_share: float | None
+    pipelined_share: float | None
+
+    @property
+    def tokens(self) -> float:
+        return tokens_in_window(self.records, self.window)
+
+
+def fleet_schedule(config: BenchConfig, modes: Sequence[str]) -> list[tuple[int, str, int]]:
+    """(boards, mode, run) in the order they run. At each N, round r runs every mode asked for
+    more than r runs, in the order given, and the next round runs them in reverse: two runs
+    each of `sled,server-only` go sled, server-only, server-only, sled, so that a steady drift
+    in the machine's speed during the point falls on both modes alike."""
+    order = []
+    for n in sorted({n for mode in modes for n in config.boards_of(mode)}):
+        here = [mode for mode in modes if n in config.boards_of(mode)]
+        for run in range(max(config.repeats_of(mode) for mode in here)):
+            round_modes = [mode for mode in here if config.repeats_of(mode) > run]
+            order += [(n, mode, run) for mode in (reversed(round_modes) if run % 2 else round_modes)]
+    return order
 
 
 def _run_fleet_point(
@@ -561,7 +596,7 @@ def _run_fleet_point(
     tokenizer,
     progress: ProgressFn,
     split: CpuSplit | None = None,
-) -> _FleetPoint:
+) -> _FleetRun:
     """A fresh broker, server and `n` boards in `mode`, warmed up with one short request,
     then the closed loop. A fresh fleet per point lets the modes alternate at each N, so that
     a change in the machine's other load during the run falls on both modes alike."""
@@ -610,11 +645,11 @@ def _run_fleet_point(
             )
         pipelined_share = _pipelined_share(fleet.agents.values()) if mode.device.get("pipeline") else None
     window = (start, start + config.duration_s)
-    point = _fleet_point(n, window, records, batches.window(*window), rss.growth_mb, mode)
-    point.load_avg_1m = load
-    point.board_cpu_share = board_cpu.share(config.duration_s)
-    point.pipelined_share = pipelined_share
-    return _FleetPoint(point, records, batches.records[warmup_passes:])
+    return _FleetRun(
+        window=window, records=records, passes=batches.records[warmup_passes:],
+        window_passes=batches.window(*window), rss_growth_mb=rss.growth_mb, load_avg_1m=load,
+        board_cpu_share=board_cpu.share(config.duration_s), pipelined_share=pipelined_share,
+    )
 
 
 def _verify_cost(batches: Sequence[BatchRecord]) -> list[VerifyCost]:
@@ -631,19 +666,16 @@ def _verify_cost(batches: Sequence[BatchRecord]) -> list[VerifyCost]:
     ]
 
 
-def _fleet_point(
-    n: int,
-    window: tuple[float, float],
-    records: list[RequestRecord],
-    batches: list[BatchRecord],
-    rss_growth_mb: float,
-    mode: FleetMode,
-) -> PointResult:
-    seconds = window[1] - window[0]
-    tokens = tokens_in_window(records, window)
-    finished = [r for r in records if r.stats is not None and r.done <= window[1]]
+def _fleet_point(n: int, runs: Sequence[_FleetRun], mode: FleetMode) -> PointResult:
+    """One point from the windows of all its runs, pooled: tokens over the summed window
+    time, latencies over every run's tokens."""
+    seconds = sum(run.window[1] - run.window[0] for run in runs)
+    tokens = sum(run.tokens for run in runs)
+    records = [record for run in runs for record in run.records]
+    finished = [r for run in runs for r in run.records if r.stats is not None and r.done <= run.window[1]]
     measured = finished or [r for r in records if r.stats is not None]
     stats = [r.stats for r in measured]
+    batches = [batch for run in runs for batch in run.window_passes]
     drafted = sum(s.drafted for s in stats)
     accepted = sum(s.accepted for s in stats)
     verifications = sum(s.verifications for s in stats)
@@ -658,7 +690,8 @@ def _fleet_point(
         tokens=tokens,
         system_tok_s=tokens / seconds,
         session_tok_s=tokens / seconds / n,
-        **_latency(records, window),
+        system_tok_s_runs=[run.tokens / (run.window[1] - run.window[0]) for run in runs] if len(runs) > 1 else [],
+        **_latency([(run.records, run.window) for run in runs]),
         acceptance_rate=accepted / drafted if mode.drafts and drafted else None,
         mean_accepted=accepted / verifications if mode.drafts and verifications else None,
         server_s_per_token=verify_s / committed if committed else None,
@@ -666,7 +699,7 @@ def _fleet_point(
         batch_sessions_mean=sum(b.sessions for b in batches) / len(batches) if batches else None,
         batch_tokens_mean=sum(b.tokens for b in batches) / len(batches) if batches else None,
         kv_bytes_per_session=peak.kv_bytes / peak.open_sessions if peak is not None and peak.open_sessions else None,
-        rss_growth_mb=rss_growth_mb,
+        rss_growth_mb=max(run.rss_growth_mb for run in runs),
         mqtt_bytes_per_verification=(
             sum(s.bytes_out + s.bytes_in for s in stats) / verifications if verifications else None
         ),
@@ -675,12 +708,26 @@ def _fleet_point(
             sum(s.round_trip_ms * s.round_trips for s in stats) / round_trips
             if mode.drafts and (round_trips := sum(s.round_trips for s in stats)) else None
         ),
+        board_cpu_share=_mean([run.board_cpu_share for run in runs]),
+        pipelined_share=_mean([run.pipelined_share for run in runs]),
+        load_avg_1m=_mean([run.load_avg_1m for run in runs]),
     )
 
 
-def _latency(records: Sequence[RequestRecord], window: tuple[float, float]) -> dict[str, float | None]:
-    tbt = time_between_tokens(records, window)
-    ttft = [r.chunks[0][0] - r.sent for r in records if r.chunks and window[0] <= r.chunks[0][0] <= window[1]]
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def _latency(
+    windows: Sequence[tuple[Sequence[RequestRecord], tuple[float, float]]],
+) -> dict[str, float | None]:
+    """Latency percentiles over the tokens of every (records, window) pair, pooled."""
+    tbt = [gap for records, window in windows for gap in time_between_tokens(records, window)]
+    ttft = [
+        r.chunks[0][0] - r.sent
+        for records, (start, end) in windows for r in records if r.chunks and start <= r.chunks[0][0] <= end
+    ]
     p50, p95, first = percentile(tbt, 50), percentile(tbt, 95), percentile(ttft, 50)
     return {
         "tbt_ms_p50": None if p50 is None else 1000 * p50,
@@ -734,7 +781,7 @@ def _peer_point(records: list[RequestRecord]) -> PointResult:
         tokens=tokens,
         system_tok_s=tokens / busy,
         session_tok_s=tokens / busy,
-        **_latency(records, window),
+        **_latency([(records, window)]),
         server_s_per_token=busy / tokens if tokens else None,
         server_busy=1.0,
     )
@@ -797,6 +844,8 @@ def equivalent_command(config: BenchConfig) -> str:
         parts.append(f"--board-cpus {config.board_cpus}")
     for mode, counts in config.boards_for.items():
         parts.append(f"--boards-for {mode}={','.join(map(str, counts))}")
+    for mode, repeats in config.repeats_for.items():
+        parts.append(f"--repeats-for {mode}={repeats}")
     if config.target_rate is not None:
         parts.append(f"--target-rate {config.target_rate:g}")
     return " ".join(parts)
@@ -838,6 +887,7 @@ def bench_command(
     peer_requests: Annotated[int, typer.Option("--peer-requests", min=1, help="Greedy requests the in-process peers run.")] = DEFAULT_PEER_REQUESTS,
     board_step_ms: Annotated[float | None, typer.Option("--board-step-ms", min=0.0, help="Emulated board draft step in ms, instead of the profile's factor x this machine's step.")] = None,
     boards_for: Annotated[list[str] | None, typer.Option("--boards-for", help="MODE_OR_SET=1,4: run these modes at their own numbers of boards (repeatable).")] = None,
+    repeats_for: Annotated[list[str] | None, typer.Option("--repeats-for", help="MODE_OR_SET=R: run these modes R times at each N, alternating, and pool the runs (repeatable).")] = None,
     board_cpus: Annotated[int, typer.Option("--board-cpus", min=0, help="CPUs kept for the emulated boards' drafting; the server runs on the rest [default: 0, all shared].")] = 0,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "warning",
 ) -> None:
@@ -873,6 +923,12 @@ def bench_command(
         if not separator or not name.strip():
             raise typer.BadParameter(f"--boards-for takes MODE_OR_SET=1,4, got {entry!r}")
         per_mode[name.strip()] = _parse_boards(counts, "--boards-for")
+    repeats: dict[str, int] = {}
+    for entry in repeats_for or []:
+        name, separator, count = entry.partition("=")
+        if not separator or not name.strip() or len(parsed := _parse_boards(count, "--repeats-for")) != 1:
+            raise typer.BadParameter(f"--repeats-for takes MODE_OR_SET=R, got {entry!r}")
+        repeats[name.strip()] = parsed[0]
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
@@ -887,7 +943,7 @@ def bench_command(
                 emulate=not real_drafting, profile=profile, modes=_parse_list(modes, "--modes"),
                 sampling=sampling, max_new_tokens=max_new_tokens, dtype=dtype, k_max=k_max,
                 threshold=threshold, peer_requests=peer_requests, board_step_ms=board_step_ms,
-                boards_for=per_mode, board_cpus=board_cpus, progress=show,
+                boards_for=per_mode, repeats_for=repeats, board_cpus=board_cpus, progress=show,
             )
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc

@@ -31,6 +31,8 @@ class PointResult(BaseModel):
     tokens: float  # delivered inside the window (workload.tokens_in_window)
     system_tok_s: float
     session_tok_s: float
+    # Each run's own figure where the point pooled several (`repeats_for`): the spread.
+    system_tok_s_runs: list[float] = Field(default_factory=list)
     tbt_ms_p50: float | None
     tbt_ms_p95: float | None
     ttft_ms_p50: float | None
@@ -49,7 +51,7 @@ class PointResult(BaseModel):
     board_cpu_share: float | None = None
     # Share of the drafted tokens sent that were drafted ahead while a verdict was in flight.
     pipelined_share: float | None = None
-    load_avg_1m: float | None = None  # the machine's load when the point started (shared machines)
+    load_avg_1m: float | None = None  # the load when the point started (mean over its runs)
 
 
 class VerifyCost(BaseModel):
@@ -109,9 +111,13 @@ class BenchConfig(BaseModel):
     board_step_ms: float | None = None  # given emulated step time, instead of profile x measured
     board_cpus: int = 0  # CPUs kept for the emulated boards' drafting, apart from the server's
     boards_for: dict[str, list[int]] = Field(default_factory=dict)  # modes run at other Ns
+    repeats_for: dict[str, int] = Field(default_factory=dict)  # modes run more than once per N
 
     def boards_of(self, mode: str) -> list[int]:
         return self.boards_for.get(mode, self.boards)
+
+    def repeats_of(self, mode: str) -> int:
+        return self.repeats_for.get(mode, 1)
 
 
 class Comparison(BaseModel):
@@ -315,8 +321,9 @@ def results_table(report: BenchReport):  # -> rich.table.Table
     table = Table(
         title=f"fleet bench: {report.models['target']} ({report.models['dtype']}), "
         f"draft {report.models['draft']}, boards {boards}{step}",
-        caption="tok/s: committed tokens per second; TBT, TTFT and RTT in ms; srv s/tok: server "
-        "forward-pass seconds per committed token; busy: share of the window in forward passes",
+        caption="tok/s: committed tokens per second (in brackets: the lowest and highest run of a "
+        "repeated point); TBT, TTFT and RTT in ms; srv s/tok: server forward-pass seconds per committed "
+        "token; busy: share of the window in forward passes",
     )
     columns = ("mode", "N", "sys tok/s", "sess tok/s", "TBT p50/p95", "TTFT p50", "accept",
                "mean acc", "srv s/tok", "busy", "KV/sess", "B/verif", "RTT", "err")
@@ -325,7 +332,8 @@ def results_table(report: BenchReport):  # -> rich.table.Table
     for mode in report.modes.values():
         for p in mode.points:
             table.add_row(
-                mode.name, str(p.boards), f"{p.system_tok_s:.2f}", f"{p.session_tok_s:.2f}",
+                mode.name, str(p.boards), f"{p.system_tok_s:.2f}" + _spread(p.system_tok_s_runs),
+                f"{p.session_tok_s:.2f}",
                 f"{_f(p.tbt_ms_p50, '.0f')}/{_f(p.tbt_ms_p95, '.0f')}", _f(p.ttft_ms_p50, ".0f"),
                 _f(p.acceptance_rate, ".2f"), _f(p.mean_accepted, ".2f"), _f(p.server_s_per_token, ".4f"),
                 _f(p.server_busy, ".0%"), _bytes(p.kv_bytes_per_session),
@@ -402,6 +410,10 @@ def comparison_table(report: BenchReport):  # -> rich.table.Table | None
 
 def _f(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _spread(runs: Sequence[float]) -> str:
+    return f" ({min(runs):.2f}-{max(runs):.2f})" if runs else ""
 
 
 def _bytes(value: float | None) -> str:
