@@ -13,7 +13,7 @@ import pytest
 from fleet.config import ServerSettings, Settings
 from fleet.protocol import DraftMessage
 from fleet.sampling import SamplingParams
-from server.engine import Engine
+from server.engine import Engine, Verdict
 from server.service import HOLD_SLACK, Inbound, Route, VerificationService, session_key
 from server.speculation import make_policy
 
@@ -54,6 +54,10 @@ def _due_after_verdict(service: VerificationService, route: Route) -> float:
 def _expected(service: VerificationService, route: Route) -> float:
     assert route.verdict_sent_at is not None
     return route.verdict_sent_at + _due_after_verdict(service, route)
+
+
+def _verdict() -> Verdict:
+    return Verdict(session_id="s", accepted=0, tokens=[1], committed_len=4)
 
 
 def _arrived(service: VerificationService, *routes: Route) -> list[Inbound]:
@@ -109,6 +113,28 @@ def test_beside_sessions_the_server_decodes_a_late_draft_saves_one_pass_less(
     service.routes.pop(joining.key)
     sooner = _drafting(service, "board-d", due_in_s=0.3 * PASS_S)
     assert service._due_by(_arrived(service, in_hand)) == pytest.approx(_expected(service, sooner), abs=1e-3)
+
+
+def test_a_session_handed_back_to_drafting_is_held_for_up_to_a_pass_longer(
+    service: VerificationService,
+) -> None:
+    """Its first draft after pushed verdicts comes out of step: later than its pace says by
+    up to a pass. Overdue by half a pass, it is still held for; others are not."""
+    in_hand = _drafting(service, "board-a", due_in_s=0.0)
+    overdue = _drafting(service, "board-b", due_in_s=-0.5 * PASS_S)
+    assert service._due_by(_arrived(service, in_hand)) == 0.0
+    overdue.returning = True
+    assert service._due_by(_arrived(service, in_hand)) == pytest.approx(_expected(service, overdue) + PASS_S, abs=1e-3)
+
+
+def test_a_verdict_that_hands_a_pushed_session_back_marks_it_returning(service: VerificationService) -> None:
+    route = _drafting(service, "board-a", due_in_s=0.0)
+    route.pushing = True
+    step = DraftMessage(session=route.session, seq=1, committed_len=0)
+    service._publish_verdict(route, step, _verdict(), pending=1)
+    assert route.returning and not route.pushing
+    service._publish_verdict(route, step.model_copy(update={"seq": 2}), _verdict(), pending=1)
+    assert not route.returning  # its next draft keeps the pace again
 
 
 def test_no_hold_for_sessions_the_server_decodes_or_before_any_pass(
