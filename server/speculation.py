@@ -427,8 +427,9 @@ class SessionEstimator:
         opening draft, which answers no suggestion of this session's)."""
         if not 0 <= accepted <= drafted:
             raise ValueError(f"accepted {accepted} of {drafted} drafted tokens")
-        # Decay also when nothing was drafted: a session held at k = 0 drifts back towards the
-        # prior and is offered drafting again, instead of being judged forever on old rounds.
+        # Decay also when nothing was drafted (the board's threshold stopped at the first
+        # token): a board sending empty drafts drifts back towards the prior instead of being
+        # judged forever on old rounds. Pushed rounds (k = 0) are not observed at all.
         self.reached *= self.decay
         self.accepted *= self.decay
         verified = min(drafted, accepted + 1, self.reached.size)
