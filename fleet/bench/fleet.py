@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, Self
+from typing import Annotated, Any, Literal, NamedTuple, Self, TypeVar
 
 import psutil
 import typer
@@ -81,6 +81,7 @@ from fleet.protocol import GenerationRequest, GenerationResponse
 from server.service import ServiceStats, VerificationService
 
 ProgressFn = Callable[[str, float, float], None]  # (what is running, done, total)
+T = TypeVar("T")
 
 DEFAULT_BOARDS = (1, 2, 4, 8, 16)
 DEFAULT_DURATION_S = 20.0
@@ -267,12 +268,8 @@ def run_fleet_bench(
         boards=_check_boards(boards),
         duration_s=duration_s,
         modes=expand_modes(modes),
-        boards_for={
-            mode: _check_boards(counts)
-            for name, counts in (boards_for or {}).items()
-            for mode in expand_modes([name])
-        },
-        repeats_for={mode: repeats for name, repeats in (repeats_for or {}).items() for mode in expand_modes([name])},
+        boards_for={mode: _check_boards(counts) for mode, counts in _per_mode(boards_for).items()},
+        repeats_for=_per_mode(repeats_for),
         sampling=sampling,
         max_new_tokens=max_new_tokens,
         dtype=dtype or ("bfloat16" if models == "qwen" else "float32"),
@@ -370,6 +367,11 @@ def _emulated_step_ms(config: BenchConfig, profile: BoardProfile, measured_ms: f
     if not config.emulate:
         return None
     return config.board_step_ms if config.board_step_ms is not None else measured_ms * profile.hardware_factor
+
+
+def _per_mode(given: dict[str, T] | None) -> dict[str, T]:
+    """A value given per mode or set of modes, keyed by each mode of the set."""
+    return {mode: value for name, value in (given or {}).items() for mode in expand_modes([name])}
 
 
 def _check_boards(boards: Sequence[int]) -> list[int]:
@@ -567,6 +569,10 @@ class _FleetRun:
     pipelined_share: float | None
 
     @property
+    def seconds(self) -> float:
+        return self.window[1] - self.window[0]
+
+    @property
     def tokens(self) -> float:
         return tokens_in_window(self.records, self.window)
 
@@ -669,7 +675,7 @@ def _verify_cost(batches: Sequence[BatchRecord]) -> list[VerifyCost]:
 def _fleet_point(n: int, runs: Sequence[_FleetRun], mode: FleetMode) -> PointResult:
     """One point from the windows of all its runs, pooled: tokens over the summed window
     time, latencies over every run's tokens."""
-    seconds = sum(run.window[1] - run.window[0] for run in runs)
+    seconds = sum(run.seconds for run in runs)
     tokens = sum(run.tokens for run in runs)
     records = [record for run in runs for record in run.records]
     finished = [r for run in runs for r in run.records if r.stats is not None and r.done <= run.window[1]]
@@ -690,7 +696,7 @@ def _fleet_point(n: int, runs: Sequence[_FleetRun], mode: FleetMode) -> PointRes
         tokens=tokens,
         system_tok_s=tokens / seconds,
         session_tok_s=tokens / seconds / n,
-        system_tok_s_runs=[run.tokens / (run.window[1] - run.window[0]) for run in runs] if len(runs) > 1 else [],
+        system_tok_s_runs=[run.tokens / run.seconds for run in runs] if len(runs) > 1 else [],
         **_latency([(run.records, run.window) for run in runs]),
         acceptance_rate=accepted / drafted if mode.drafts and drafted else None,
         mean_accepted=accepted / verifications if mode.drafts and verifications else None,
@@ -861,6 +867,24 @@ def _parse_boards(value: str, what: str) -> list[int]:
         raise typer.BadParameter(f"{what} must be whole numbers, got {value!r}") from exc
 
 
+def _parse_repeats(value: str) -> int:
+    counts = _parse_boards(value, "--repeats-for")
+    if len(counts) != 1:
+        raise typer.BadParameter(f"--repeats-for takes one number of runs, got {value!r}")
+    return counts[0]
+
+
+def _parse_per_mode(entries: list[str] | None, option: str, shape: str, parse: Callable[[str], T]) -> dict[str, T]:
+    """The MODE_OR_SET=VALUE entries of a repeatable option."""
+    per_mode: dict[str, T] = {}
+    for entry in entries or []:
+        name, separator, value = entry.partition("=")
+        if not separator or not name.strip():
+            raise typer.BadParameter(f"{option} takes {shape}, got {entry!r}")
+        per_mode[name.strip()] = parse(value)
+    return per_mode
+
+
 def _parse_list(value: str, what: str) -> list[str]:
     items = [item.strip() for item in value.split(",") if item.strip()]
     if not items:
@@ -917,18 +941,8 @@ def bench_command(
     if dtype not in (None, "float32", "bfloat16"):
         raise typer.BadParameter(f"--dtype must be float32 or bfloat16, not {dtype!r}")
     board_counts = _parse_boards(boards, "--boards")
-    per_mode: dict[str, Sequence[int]] = {}
-    for entry in boards_for or []:
-        name, separator, counts = entry.partition("=")
-        if not separator or not name.strip():
-            raise typer.BadParameter(f"--boards-for takes MODE_OR_SET=1,4, got {entry!r}")
-        per_mode[name.strip()] = _parse_boards(counts, "--boards-for")
-    repeats: dict[str, int] = {}
-    for entry in repeats_for or []:
-        name, separator, count = entry.partition("=")
-        if not separator or not name.strip() or len(parsed := _parse_boards(count, "--repeats-for")) != 1:
-            raise typer.BadParameter(f"--repeats-for takes MODE_OR_SET=R, got {entry!r}")
-        repeats[name.strip()] = parsed[0]
+    per_mode = _parse_per_mode(boards_for, "--boards-for", "MODE_OR_SET=1,4", lambda v: _parse_boards(v, "--boards-for"))
+    repeats = _parse_per_mode(repeats_for, "--repeats-for", "MODE_OR_SET=R", _parse_repeats)
     console = Console()
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:

@@ -321,7 +321,7 @@ def results_table(report: BenchReport):  # -> rich.table.Table
     table = Table(
         title=f"fleet bench: {report.models['target']} ({report.models['dtype']}), "
         f"draft {report.models['draft']}, boards {boards}{step}",
-        caption="tok/s: committed tokens per second (in brackets: the lowest and highest run of a "
+        caption="tok/s: committed tokens per second (in parentheses: the lowest and highest run of a "
         "repeated point); TBT, TTFT and RTT in ms; srv s/tok: server forward-pass seconds per committed "
         "token; busy: share of the window in forward passes",
     )
