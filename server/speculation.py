@@ -269,13 +269,14 @@ class LoadEstimator:
         """Whether any recent pass was with (`drafted`) or without drafted tokens."""
         return any(kind == drafted for _, _, kind in self._samples)
 
-    def supports(self, total_tokens: float) -> bool:
-        """Whether the fit has measured passes of about `total_tokens` or more (`LOAD_SUPPORT`
-        of them within `LOAD_SUPPORT_SHARE`), so that its price there is read off passes, not
-        extrapolated: a fresh server at 32 boards in float32, its largest passes the 32 tokens
-        of plain decoding, priced a pass of 64 at about 4.4 s, drafted, and paid 6.1 s."""
-        floor = LOAD_SUPPORT_SHARE * total_tokens
-        return sum(tokens >= floor for tokens, _, _ in self._samples) >= LOAD_SUPPORT
+    def supported_tokens(self) -> float:
+        """The largest batch the fit has measured: passes of T tokens are read off passes, not
+        extrapolated, while `LOAD_SUPPORT` recent passes had `LOAD_SUPPORT_SHARE` of T or more
+        (0 before there are that many). A fresh server at 32 boards in float32, its largest
+        passes the 32 tokens of plain decoding, priced a pass of 64 at about 4.4 s, drafted,
+        and paid 6.1 s."""
+        sizes = sorted((tokens for tokens, _, _ in self._samples), reverse=True)
+        return sizes[LOAD_SUPPORT - 1] / LOAD_SUPPORT_SHARE if len(sizes) >= LOAD_SUPPORT else 0.0
 
     def passes_since(self, drafted: bool) -> int:
         """Passes observed since the last one with (`drafted`) or without drafted tokens."""
@@ -651,6 +652,20 @@ def _prefer_hand_off(batch: _Batch, ks: np.ndarray, margin: float) -> np.ndarray
     return zeros if batch.rate(zeros) >= batch.rate(best) * (1 - margin) else best
 
 
+def cut_to_tokens(ks: Sequence[int], fill: Sequence[float], fixed: float, limit: float) -> list[int] | None:
+    """`ks` with the longest drafts cut, one token at a time, until the batch's expected
+    tokens (`fixed`, one per session, plus `fill` of each k) are at most `limit`; None where
+    that would leave a drafting session with nothing to draft (a batch with some sessions cut
+    to 0 beside the others is another plan, priced by `plan_batch`, not a smaller one)."""
+    cut = list(ks)
+    while fixed + float(np.dot(fill, cut)) > limit:
+        longest = int(np.argmax(cut))
+        if cut[longest] <= 1:
+            return None
+        cut[longest] -= 1
+    return cut
+
+
 def round_trip_s(
     verdict_sent_at: float | None,
     draft_received_at: float,
@@ -773,16 +788,21 @@ class SpeculationPolicy:
             # Starting to draft must pay for the switch; once drafting, any gain keeps it on.
             margin = RATE_TOLERANCE if self._drafting else SWITCH_MARGIN
             ks = plan_batch(estimates, cost, self.k_max, plain, typical, plain_cost, hand_off_margin=margin)
+            cut = cut_to_tokens(ks, [e.fill for e in estimates], len(keys) + plain, self.load.supported_tokens())
+            if cut is not None and cut != ks:
+                drafting_rate = batch_rate(estimates, cut, cost, plain, typical, plain_cost=plain_cost)
+                plain_rate = batch_rate(estimates, [0] * len(ks), cost, plain, typical, plain_cost=plain_cost)
+                cut = cut if plain_rate < drafting_rate * (1 - margin) else None
             drafting, plain_rounds = (self.realized.estimate(kind, pending_sessions) for kind in (True, False))
             outdone = plain_delivers_more(drafting, plain_rounds)
             ks = self._probe(
                 ks,
+                cut,
                 lambda: plan_batch(
                     estimates, plain_cost, self.k_max, plain, typical, hand_off_margin=SWITCH_MARGIN
                 ),
                 outdone,
                 plain_unmeasured=plain_rounds is None and drafting is not None,
-                tokens=len(keys) + plain + sum(ks),
             )
             self._plan = dict(zip(keys, ks, strict=True))
             self._planned_for = pending_sessions
@@ -790,16 +810,17 @@ class SpeculationPolicy:
                 "batch_planned", sessions=len(keys), plain=plain, drafted=sum(ks), k_top=max(ks, default=0),
                 probe=self._probe_drafts, realized_drafting=drafting, realized_plain=plain_rounds,
                 outdone=outdone, drafting_cost=cost, plain_cost=plain_cost,
+                measured_tokens=self.load.supported_tokens(),
             )
         return self._plan[session_key]
 
     def _probe(
         self,
         ks: list[int],
+        measured: list[int] | None,
         drafting: Callable[[], list[int]],
         outdone: bool,
         plain_unmeasured: bool,
-        tokens: int,
     ) -> list[int]:
         """The plan, or for `PROBE_PASSES` passes the other kind of round: plain decoding
         (every session handed over) after drafting, and after plain passes, drafting as the
@@ -825,11 +846,17 @@ class SpeculationPolicy:
         `PROBE_FIRST` passes: speculation must show that it beats the server alone, and at
         16 boards in float32, at 2-3 s a pass, 8 passes of a drafting plan that delivered less
         than plain decoding were most of a window. Plain decoding is never probed early: it is
-        what the server alone does. A plan that would draft a batch of more `tokens` than the
-        load fit has measured (`LoadEstimator.supports`) decodes plain instead, and its
-        drafting probe comes after `PROBE_FIRST` passes whatever the interval has grown to:
-        the probe measures passes of about that size, and a price extrapolated from smaller
-        ones does not send a whole fleet drafting."""
+        what the server alone does. A plan that would draft a batch larger than the load fit has
+        measured (`LoadEstimator.supported_tokens`) drafts `measured` instead: its longest
+        drafts cut to that size (`cut_to_tokens`), where every drafting session keeps a token
+        and the model still prefers that to plain decoding. Each pass at the cut size measures
+        a larger one, so a lone session's k climbs to the plan's within a few passes, instead
+        of decoding plain until the next probe because its last drafts were a token shorter
+        than the plan. Where no such cut exists (`measured` None: a fleet of sessions that
+        would all draft, at a size that only plain passes of one token each have measured)
+        the plan decodes plain, and its drafting probe comes after `PROBE_FIRST` passes
+        whatever the interval has grown to: the probe measures passes of about that size, and
+        a price extrapolated from smaller ones does not send a whole fleet drafting."""
         if self._probe_drafts and not self._probe_left:
             self._outdone = False  # the first plan after a drafting probe judges afresh
         if outdone:
@@ -837,9 +864,9 @@ class SpeculationPolicy:
         if not self.load.measured(drafted=True) or self._outdone:
             ks = [0] * len(ks)
         wanted = any(ks)
-        unmeasured = wanted and not self.load.supports(tokens)
-        if unmeasured:
-            ks = [0] * len(ks)
+        if wanted:
+            ks = [0] * len(ks) if measured is None else measured
+        unmeasured = wanted and not any(ks)
         chosen = any(ks)
         if self._probe_left:
             self._probe_left -= 1

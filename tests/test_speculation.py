@@ -28,6 +28,7 @@ from server.speculation import (
     SessionEstimator,
     SpeculationPolicy,
     batch_rate,
+    cut_to_tokens,
     fit_load_model,
     make_policy,
     plain_delivers_more,
@@ -821,3 +822,32 @@ def test_a_batch_larger_than_any_measured_waits_for_the_drafting_probe() -> None
         drafted_in.append(drafted)
     assert all(d == 0 for d in drafted_in[:waiting]), drafted_in
     assert min(drafted_in[waiting:]) > 16 / LOAD_SUPPORT_SHARE, drafted_in
+
+
+def test_a_cut_shortens_the_longest_drafts_and_keeps_every_drafter_drafting() -> None:
+    assert cut_to_tokens([6, 2, 0], [1.0, 1.0, 1.0], fixed=3, limit=8) == [3, 2, 0]
+    assert cut_to_tokens([4, 4], [0.5, 0.5], fixed=2, limit=6) == [4, 4]  # expected tokens
+    assert cut_to_tokens([3, 1], [1.0, 1.0], fixed=2, limit=3) is None  # a drafter left at 0
+
+
+def test_a_lone_session_drafts_at_the_largest_measured_size_while_its_k_climbs() -> None:
+    """The first session on this machine (bfloat16, one board): plain passes, then a drafting
+    probe that measured passes of 5 tokens, and the plan wants k = 8 from a draft that was
+    always right. It drafts k = 5 (passes of 6 tokens are within 4/3 of what was measured),
+    not plain decoding until the next probe, and once 3 passes of 6 are measured, k = 7."""
+    policy = SpeculationPolicy(K_MAX, prior_load=FLAT_SMALL)
+    at = 0.0
+    for _ in range(4):
+        at += 0.2
+        policy.observe_batch(1, 0.2, drafted=0, committed=1, sessions=1, at=at)
+    for _ in range(LOAD_SUPPORT):
+        at += 0.2
+        policy.observe_batch(5, 0.2, drafted=4, committed=5, sessions=1, at=at)
+        policy.observe_verdict("b/s", "b", 4, 4, draft_ms=5.0, rtt_s=0.005)
+    ks: list[int] = []
+    for _ in range(4):
+        ks.append(policy.next_k("b/s", pending_sessions=1))
+        at += 0.2
+        policy.observe_batch(1 + ks[-1], 0.2, drafted=ks[-1], committed=1 + ks[-1], sessions=1, at=at)
+        policy.observe_verdict("b/s", "b", ks[-1], ks[-1], draft_ms=5.0, rtt_s=0.005)
+    assert ks == [5, 5, 5, 7], ks
