@@ -25,6 +25,7 @@ measures (`observe_batch`, `observe_verdict`) and asks `next_k` when it publishe
 """
 
 import dataclasses
+import heapq
 import math
 import time
 from collections import deque
@@ -275,8 +276,8 @@ class LoadEstimator:
         (0 before there are that many). A fresh server at 32 boards in float32, its largest
         passes the 32 tokens of plain decoding, priced a pass of 64 at about 4.4 s, drafted,
         and paid 6.1 s."""
-        sizes = sorted((tokens for tokens, _, _ in self._samples), reverse=True)
-        return sizes[LOAD_SUPPORT - 1] / LOAD_SUPPORT_SHARE if len(sizes) >= LOAD_SUPPORT else 0.0
+        largest = heapq.nlargest(LOAD_SUPPORT, (tokens for tokens, _, _ in self._samples))
+        return largest[-1] / LOAD_SUPPORT_SHARE if len(largest) == LOAD_SUPPORT else 0.0
 
     def passes_since(self, drafted: bool) -> int:
         """Passes observed since the last one with (`drafted`) or without drafted tokens."""
@@ -666,6 +667,29 @@ def cut_to_tokens(ks: Sequence[int], fill: Sequence[float], fixed: float, limit:
     return cut
 
 
+def cut_plan(
+    sessions: Sequence[SessionEstimate],
+    ks: Sequence[int],
+    cost: LoadModel,
+    plain_sessions: int,
+    plain_round_trip_s: float,
+    plain_cost: LoadModel,
+    limit: float,
+    margin: float,
+) -> list[int] | None:
+    """The plan `ks` cut to at most `limit` expected tokens (`cut_to_tokens`), or None where
+    no cut keeps every drafter drafting or the cut plan no longer beats handing the batch over
+    by `margin` (the test of `_prefer_hand_off`)."""
+    if not any(ks):
+        return list(ks)
+    cut = cut_to_tokens(ks, [s.fill for s in sessions], len(ks) + plain_sessions, limit)
+    if cut is None or cut == list(ks):
+        return cut
+    batch = _Batch(sessions, cost, max(cut), plain_sessions, plain_round_trip_s, plain_cost)
+    handed_over = batch.rate(np.zeros(len(cut), dtype=int))
+    return cut if handed_over < batch.rate(np.array(cut)) * (1 - margin) else None
+
+
 def round_trip_s(
     verdict_sent_at: float | None,
     draft_received_at: float,
@@ -788,11 +812,8 @@ class SpeculationPolicy:
             # Starting to draft must pay for the switch; once drafting, any gain keeps it on.
             margin = RATE_TOLERANCE if self._drafting else SWITCH_MARGIN
             ks = plan_batch(estimates, cost, self.k_max, plain, typical, plain_cost, hand_off_margin=margin)
-            cut = cut_to_tokens(ks, [e.fill for e in estimates], len(keys) + plain, self.load.supported_tokens())
-            if cut is not None and cut != ks:
-                drafting_rate = batch_rate(estimates, cut, cost, plain, typical, plain_cost=plain_cost)
-                plain_rate = batch_rate(estimates, [0] * len(ks), cost, plain, typical, plain_cost=plain_cost)
-                cut = cut if plain_rate < drafting_rate * (1 - margin) else None
+            limit = self.load.supported_tokens()
+            cut = cut_plan(estimates, ks, cost, plain, typical, plain_cost, limit, margin)
             drafting, plain_rounds = (self.realized.estimate(kind, pending_sessions) for kind in (True, False))
             outdone = plain_delivers_more(drafting, plain_rounds)
             ks = self._probe(
@@ -810,7 +831,7 @@ class SpeculationPolicy:
                 "batch_planned", sessions=len(keys), plain=plain, drafted=sum(ks), k_top=max(ks, default=0),
                 probe=self._probe_drafts, realized_drafting=drafting, realized_plain=plain_rounds,
                 outdone=outdone, drafting_cost=cost, plain_cost=plain_cost,
-                measured_tokens=self.load.supported_tokens(),
+                measured_tokens=limit,
             )
         return self._plan[session_key]
 
