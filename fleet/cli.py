@@ -92,7 +92,8 @@ def serve(
         console.print(f"fleet serve: {exc}")
         raise typer.Exit(2) from exc
     engine = Engine(
-        target_dir, dtype=server.dtype, device=server.device, k_max=server.k_max,
+        target_dir, dtype=server.dtype, device=server.device, linear_kernel=server.linear_kernel,
+        k_max=server.k_max,
         memory_budget_bytes=int(server.memory_budget_mb * 2**20), max_sessions=server.max_sessions,
     )
     _run_until_signal(VerificationService(settings, engine, server.target_model, metrics=_metrics("serve", metrics_port)))

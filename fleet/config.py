@@ -36,6 +36,11 @@ class BrokerSettings(BaseModel):
     keepalive_s: int = Field(30, ge=5, le=3600)
 
 
+# How the target's linears run (server/kernels.py); a name here so that the bench's
+# configuration takes the same values without importing torch.
+LinearKernel = Literal["auto", "default", "onednn"]
+
+
 class ServerSettings(BaseModel):
     """Verification server knobs."""
 
@@ -43,6 +48,9 @@ class ServerSettings(BaseModel):
     target_model: str = "qwen2.5-coder-1.5b"
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = "cpu"
+    # "auto" prepacks the target's linears for oneDNN on a CPU float32 target, where MKL's
+    # sgemm prices a verification pass of 4 tokens like two of 3 (server/kernels.py).
+    linear_kernel: LinearKernel = "auto"
     k_max: int = Field(8, ge=1, le=64)
     batch_window_ms: float = Field(5.0, ge=0, le=1000)
     idle_timeout_s: float = Field(60.0, gt=0)

@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.table import Table
 
 from fleet.app import new_request_id
-from fleet.config import DeviceSettings, ServerSettings, Settings
+from fleet.config import DeviceSettings, LinearKernel, ServerSettings, Settings
 from fleet.local import FleetModels, LocalFleet
 from fleet.protocol import GenerationRequest, GenerationResponse
 
@@ -85,12 +85,18 @@ def store_models(home: Path, console: Console) -> FleetModels:
     return FleetModels(target_name=DEFAULT_TARGET, target_dir=store.path(DEFAULT_TARGET), draft_dir=draft_dir)
 
 
-def reference_tokens(target_dir: Path, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """What the target alone emits for each prompt, greedy, one prompt at a time."""
+def reference_tokens(
+    target_dir: Path, prompt_ids: list[list[int]], max_new_tokens: int, linear_kernel: LinearKernel = "auto"
+) -> list[list[int]]:
+    """What the target alone emits for each prompt, greedy, one prompt at a time, with the
+    linear kernels the server uses (server/kernels.py): the claim is about this server's target."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from server.kernels import use_linear_kernel
+
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    use_linear_kernel(model, linear_kernel, torch.device("cpu"), torch.float32)
     outputs = []
     with torch.inference_mode():
         for ids in prompt_ids:
@@ -120,6 +126,7 @@ def run_demo(
             # hand every session to the server: the tiny demo drafts at fixed k to show drafting.
             server=ServerSettings(
                 k_max=settings.server.k_max,
+                linear_kernel=settings.server.linear_kernel,
                 max_sessions=max(16, len(prompts)),
                 speculation="fixed" if tiny else settings.server.speculation,
             ),
@@ -134,7 +141,9 @@ def run_demo(
         finally:
             fleet.__exit__(None, None, None)
         with console.status("checking outputs against the target alone"):
-            references = reference_tokens(models.target_dir, [r.prompt_ids for r in results], max_new_tokens)
+            references = reference_tokens(
+                models.target_dir, [r.prompt_ids for r in results], max_new_tokens, settings.server.linear_kernel
+            )
     outcomes = [
         DemoResult(
             device=r.device, request_id=r.request_id, prompt=r.prompt, text=r.text,

@@ -128,6 +128,7 @@ class LocalFleet:
             self.models.target_dir,
             dtype=server.dtype,
             device=server.device,
+            linear_kernel=server.linear_kernel,
             k_max=server.k_max,
             memory_budget_bytes=int(server.memory_budget_mb * 2**20),
             max_sessions=server.max_sessions,

@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from fleet.config import LinearKernel
 from fleet.logging import get_logger
 from fleet.sampling import SamplingParams, SparseDist
 from server.runner import Segment, TargetRunner
@@ -115,6 +116,7 @@ class Engine:
         *,
         dtype: str = "float32",
         device: str = "cpu",
+        linear_kernel: LinearKernel = "auto",
         k_max: int = 8,
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
         max_sessions: int = 64,
@@ -125,7 +127,10 @@ class Engine:
         does); pass others for chat templates with extra end ids, or none to ignore EOS."""
         if k_max < 0:
             raise ValueError(f"k_max must be >= 0, got {k_max}")
-        self._runner = TargetRunner(model_dir_or_model, dtype=dtype, device=device)
+        self._runner = TargetRunner(
+            model_dir_or_model, dtype=dtype, device=device, linear_kernel=linear_kernel
+        )
+        self.linear_kernel = self._runner.linear_kernel
         self.k_max = k_max
         self.memory_budget_bytes = memory_budget_bytes
         self.max_sessions = max_sessions

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
 
+from fleet.config import LinearKernel
+from server.kernels import use_linear_kernel
 from server.kv import KVShape, SessionKV
 
 RAGGED_ATTENTION = "fleet_ragged"
@@ -123,7 +125,10 @@ class TargetRunner:
         model_dir_or_model: str | Path | PreTrainedModel,
         dtype: str = "float32",
         device: str = "cpu",
+        linear_kernel: LinearKernel = "auto",
     ) -> None:
+        """`linear_kernel` (server.kernels): `auto` prepacks the linears for oneDNN on a CPU
+        float32 target, whose sgemm costs a step per few extra tokens."""
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         if isinstance(model_dir_or_model, PreTrainedModel):
@@ -144,6 +149,7 @@ class TargetRunner:
         self.model.set_attn_implementation(RAGGED_ATTENTION)
         self.kv_shape = KVShape.from_config(config, DTYPES[dtype], self.device)
         self.vocab_size: int = self.model.get_output_embeddings().weight.shape[0]
+        self.linear_kernel = use_linear_kernel(self.model, linear_kernel, self.device, DTYPES[dtype])
         self.max_context: int = config.max_position_embeddings
         self.eos_token_ids: frozenset[int] = _eos_token_ids(self.model)
 

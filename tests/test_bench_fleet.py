@@ -245,6 +245,7 @@ def test_lossless_check_reports_the_first_divergence() -> None:
         ({"repeats_for": {"sled": 0}}, "at least 1"),
         ({"repeats_for": {"target": 2}}, "only fleet modes repeat"),
         ({"board_cpus": len(os.sched_getaffinity(0))}, "leave the server at least one"),
+        ({"dtype": "bfloat16", "linear_kernel": "onednn"}, "'onednn' needs a CPU float32 target"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:

@@ -11,7 +11,7 @@ over that window (see docs/benchmarks.md for each definition). The summary compa
   server-only (capacities are bounded by the N tested: a capacity equal to the largest N
   means "at least");
 - lossless: every greedy job's output is identical in every run of every mode, and equal to
-  the target alone's (`target` mode, same dtype) where that ran.
+  the target alone's (`target` mode, same dtype and linear kernels) where that ran.
 
 Modes are data (`MODES`): a fleet mode is a set of board and server settings, so variants
 (fixed or adaptive speculation length, pipelining, several servers) are added as entries.
@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, Self, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple, Self, TypeVar, get_args
 
 import psutil
 import typer
@@ -74,7 +74,7 @@ from fleet.bench.workload import (
     time_between_tokens,
     tokens_in_window,
 )
-from fleet.config import DeviceSettings, ServerSettings, default_home
+from fleet.config import DeviceSettings, LinearKernel, ServerSettings, default_home
 from fleet.local import FleetModels, LocalFleet
 from fleet.logging import get_logger
 from fleet.protocol import GenerationRequest, GenerationResponse
@@ -242,6 +242,7 @@ def run_fleet_bench(
     sampling: SamplingMix = "mixed",
     max_new_tokens: int = 64,
     dtype: Dtype | None = None,
+    linear_kernel: LinearKernel = "auto",
     k_max: int | None = None,
     threshold: float | None = None,
     peer_requests: int = DEFAULT_PEER_REQUESTS,
@@ -273,6 +274,7 @@ def run_fleet_bench(
         sampling=sampling,
         max_new_tokens=max_new_tokens,
         dtype=dtype or ("bfloat16" if models == "qwen" else "float32"),
+        linear_kernel=linear_kernel,
         k_max=k_max or defaults.k_max,
         threshold=defaults.threshold if threshold is None else threshold,
         emulate=emulate,
@@ -283,6 +285,7 @@ def run_fleet_bench(
         board_cpus=board_cpus,
     )
     _check_config(config)
+    kernel = _resolved_kernel(config)
     split = split_cpus(config.board_cpus)
     board_profile = get_profile(profile)
     progress = progress or (lambda description, done, total: None)
@@ -354,6 +357,7 @@ def run_fleet_bench(
             "target": bench_models.fleet.target_name,
             "draft": bench_models.fleet.draft_dir.name,
             "dtype": config.dtype,
+            "linear_kernel": kernel,
         },
         machine=machine,
         config=config,
@@ -378,6 +382,16 @@ def _check_boards(boards: Sequence[int]) -> list[int]:
     if not boards or any(n < 1 for n in boards):
         raise ValueError(f"boards must be positive numbers of boards, got {list(boards)}")
     return sorted(set(boards))
+
+
+def _resolved_kernel(config: BenchConfig) -> str:
+    """The linear kernel `auto` comes to on this machine (the bench's server runs on its CPU);
+    an `onednn` it cannot run fails here, before any model loads."""
+    import torch
+
+    from server.kernels import resolve_kernel
+
+    return resolve_kernel(config.linear_kernel, torch.device("cpu"), getattr(torch, config.dtype))
 
 
 def _check_config(config: BenchConfig) -> None:
@@ -608,7 +622,7 @@ def _run_fleet_point(
     a change in the machine's other load during the run falls on both modes alike."""
     devices = [f"board-{i + 1}" for i in range(n)]
     server = ServerSettings(
-        dtype=config.dtype, k_max=config.k_max, max_sessions=2 * n,
+        dtype=config.dtype, linear_kernel=config.linear_kernel, k_max=config.k_max, max_sessions=2 * n,
     ).model_copy(update=mode.server)
     device = DeviceSettings(
         k_max=config.k_max,
@@ -754,7 +768,7 @@ def _run_peer_modes(
     jobs = plan.greedy_jobs(config.peer_requests)
     reports = {}
     progress("loading the target (and draft) with transformers", 0, 1)
-    with HFPeers(models.fleet.target_dir, models.draft_checkpoint, config.dtype) as hf:
+    with HFPeers(models.fleet.target_dir, models.draft_checkpoint, config.dtype, config.linear_kernel) as hf:
         for mode in peers:
             done = [0]
 
@@ -844,6 +858,8 @@ def equivalent_command(config: BenchConfig) -> str:
         f"--peer-requests {config.peer_requests}",
         f"--profile {config.profile}" if config.emulate else "--real-drafting",
     ]
+    if config.linear_kernel != "auto":
+        parts.append(f"--linear-kernel {config.linear_kernel}")
     if config.board_step_ms is not None:
         parts.append(f"--board-step-ms {config.board_step_ms:g}")
     if config.board_cpus:
@@ -906,6 +922,7 @@ def bench_command(
     sampling: Annotated[str, typer.Option("--sampling", help="mixed (half greedy, half sampled), greedy or sampled.")] = "mixed",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, max=4096)] = 64,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Target dtype for every mode [default: bfloat16 for qwen, float32 for tiny].")] = None,
+    linear_kernel: Annotated[str, typer.Option("--linear-kernel", help="Target linears: auto (oneDNN prepacked on a CPU float32 target), default or onednn.")] = "auto",
     k_max: Annotated[int | None, typer.Option("--k-max", min=1, max=64, help="Most tokens a board drafts per round.")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", min=0.0, max=1.0, help="Boards stop drafting below this confidence.")] = None,
     peer_requests: Annotated[int, typer.Option("--peer-requests", min=1, help="Greedy requests the in-process peers run.")] = DEFAULT_PEER_REQUESTS,
@@ -940,6 +957,8 @@ def bench_command(
         raise typer.BadParameter(f"--sampling must be mixed, greedy or sampled, not {sampling!r}")
     if dtype not in (None, "float32", "bfloat16"):
         raise typer.BadParameter(f"--dtype must be float32 or bfloat16, not {dtype!r}")
+    if linear_kernel not in get_args(LinearKernel):
+        raise typer.BadParameter(f"--linear-kernel must be auto, default or onednn, not {linear_kernel!r}")
     board_counts = _parse_boards(boards, "--boards")
     per_mode = _parse_per_mode(boards_for, "--boards-for", "MODE_OR_SET=1,4", lambda v: _parse_boards(v, "--boards-for"))
     repeats = _parse_per_mode(repeats_for, "--repeats-for", "MODE_OR_SET=R", _parse_repeats)
@@ -955,7 +974,8 @@ def bench_command(
             report = run_fleet_bench(
                 models=models, boards=board_counts, duration_s=duration, target_rate=target_rate,
                 emulate=not real_drafting, profile=profile, modes=_parse_list(modes, "--modes"),
-                sampling=sampling, max_new_tokens=max_new_tokens, dtype=dtype, k_max=k_max,
+                sampling=sampling, max_new_tokens=max_new_tokens, dtype=dtype,
+                linear_kernel=linear_kernel, k_max=k_max,
                 threshold=threshold, peer_requests=peer_requests, board_step_ms=board_step_ms,
                 boards_for=per_mode, repeats_for=repeats, board_cpus=board_cpus, progress=show,
             )

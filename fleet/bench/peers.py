@@ -4,7 +4,7 @@ generation, one request at a time, no MQTT.
 `assisted` is what a user with one machine would pick instead of a fleet: `generate` with the
 draft as `assistant_model` (greedy). `target` is the target alone at batch 1; its greedy tokens
 are the reference every mode's output must equal (the lossless check), computed in the same
-dtype as the verification server. Both stream through a streamer that timestamps every chunk
+dtype and with the same linear kernels (server/kernels.py) as the verification server. Both stream through a streamer that timestamps every chunk
 of tokens `generate` commits, so their time between tokens is measured the same way as the
 fleet's.
 """
@@ -41,10 +41,13 @@ class HFPeers:
     """The target (and, for `assisted`, the draft) loaded once with transformers; use as a
     context manager so that the weights are released before the next mode loads its own."""
 
-    def __init__(self, target_dir: Path, draft_checkpoint: Path, dtype: str) -> None:
+    def __init__(
+        self, target_dir: Path, draft_checkpoint: Path, dtype: str, linear_kernel: str = "auto"
+    ) -> None:
         self.target_dir = target_dir
         self.draft_checkpoint = draft_checkpoint
         self.dtype = dtype
+        self.linear_kernel = linear_kernel
         self._target = None
         self._draft = None
         self.log = get_logger(component="bench-peers")
@@ -62,8 +65,12 @@ class HFPeers:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from server.kernels import use_linear_kernel
+
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        use_linear_kernel(model, self.linear_kernel, torch.device("cpu"), dtype)
+        return model
 
     def run(
         self,

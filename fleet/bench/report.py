@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from fleet.bench.cpus import CpuSplit
 from fleet.bench.profiles import BoardProfile
 from fleet.bench.workload import RequestRecord, SamplingMix
+from fleet.config import LinearKernel
 
 ModelsChoice = Literal["tiny", "qwen"]
 Dtype = Literal["float32", "bfloat16"]
@@ -102,6 +103,7 @@ class BenchConfig(BaseModel):
     sampling: SamplingMix
     max_new_tokens: int
     dtype: Dtype
+    linear_kernel: LinearKernel = "auto"  # the server's and the in-process target's (server/kernels.py)
     k_max: int
     threshold: float
     emulate: bool
@@ -319,7 +321,8 @@ def results_table(report: BenchReport):  # -> rich.table.Table
     boards = "emulated " + report.profile.name if report.profile else "real drafting"
     step = f", {report.emulated_step_ms:.1f} ms/token" if report.emulated_step_ms else ""
     table = Table(
-        title=f"fleet bench: {report.models['target']} ({report.models['dtype']}), "
+        title=f"fleet bench: {report.models['target']} ({report.models['dtype']}, "
+        f"{report.models.get('linear_kernel', 'default')} linears), "
         f"draft {report.models['draft']}, boards {boards}{step}",
         caption="tok/s: committed tokens per second (in parentheses: the lowest and highest run of a "
         "repeated point); TBT, TTFT and RTT in ms; srv s/tok: server forward-pass seconds per committed "
