@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from fleet.config import LinearKernel
 from fleet.models.store import resolve_model
 from fleet.models.tiny import write_tiny_models
 from fleet.sampling import SamplingParams
@@ -103,6 +104,7 @@ def run_verify_bench(
     context_range: tuple[int, int] = (16, 512),
     repeats: int = 3,
     dtype: str = "float32",
+    linear_kernel: LinearKernel = "auto",
     seed: int = 0,
     on_step: Callable[[], None] | None = None,
 ) -> dict:
@@ -125,6 +127,7 @@ def run_verify_bench(
         engine = Engine(
             path,
             dtype=dtype,
+            linear_kernel=linear_kernel,
             k_max=k,
             memory_budget_bytes=1 << 62,
             max_sessions=max(batch_sizes),
@@ -137,6 +140,7 @@ def run_verify_bench(
             "context_range": list(context_range),
             "repeats": repeats,
             "dtype": dtype,
+            "linear_kernel": engine.linear_kernel,
             "torch_threads": torch.get_num_threads(),
             "batch_sizes": list(batch_sizes),
             "batched_s": [],
@@ -172,6 +176,9 @@ def bench_verify(
     ),
     k: int = typer.Option(4, "--k", min=0, max=64, help="Drafted tokens per session."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    linear_kernel: str = typer.Option(
+        "auto", "--linear-kernel", help="auto (oneDNN on a CPU float32 target), default or onednn."
+    ),
     threads: int = typer.Option(
         0,
         "--threads",
@@ -186,15 +193,20 @@ def bench_verify(
         torch.set_num_threads(threads or 1)
     with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("verify bench", total=repeats * len(DEFAULT_BATCH_SIZES))
-        result = run_verify_bench(
-            model, k=k, repeats=repeats, dtype=dtype, on_step=lambda: progress.advance(task)
-        )
+        try:
+            result = run_verify_bench(
+                model, k=k, repeats=repeats, dtype=dtype, linear_kernel=linear_kernel,  # type: ignore[arg-type]
+                on_step=lambda: progress.advance(task),
+            )
+        except ValueError as exc:  # a dtype or kernel this target cannot take
+            raise typer.BadParameter(str(exc)) from exc
     if json_out:
         typer.echo(json.dumps(result))
         return
     low, high = result["context_range"]
     table = Table(
         title=f"verify bench: {model}, k={k}, contexts {low}-{high}, {dtype}, "
+        f"{result['linear_kernel']} linears, "
         f"{result['torch_threads']} torch threads"
     )
     for column in ("B", "batched s", "sequential s", "efficiency", "KV bytes/session"):

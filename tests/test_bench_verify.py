@@ -20,8 +20,10 @@ def one_torch_thread():
 
 
 def test_run_verify_bench_reports_each_batch_size():
-    result = run_verify_bench("tiny", batch_sizes=(1, 4), k=3, context_range=(16, 64), repeats=1)
-    assert result["batch_sizes"] == [1, 4]
+    result = run_verify_bench(
+        "tiny", batch_sizes=(1, 4), k=3, context_range=(16, 64), repeats=1, linear_kernel="default"
+    )
+    assert result["batch_sizes"] == [1, 4] and result["linear_kernel"] == "default"
     for key in ("batched_s", "sequential_s", "efficiency", "kv_bytes_per_session"):
         assert len(result[key]) == 2, key
     assert all(t > 0 for t in result["batched_s"] + result["sequential_s"])
@@ -57,3 +59,14 @@ def test_bench_verify_command_prints_json_and_table():
     table = runner.invoke(app, ["--repeats", "1", "--k", "2"])
     assert table.exit_code == 0, table.output
     assert "efficiency" in table.stdout and "KV bytes per token" in table.stdout
+
+
+def test_bench_verify_command_names_a_kernel_it_cannot_run():
+    app = typer.Typer()
+    app.command()(bench_verify)
+    for args, message in (
+        (["--linear-kernel", "fast"], "unknown linear kernel 'fast'"),
+        (["--dtype", "bfloat16", "--linear-kernel", "onednn"], "needs a CPU float32 target"),
+    ):
+        result = CliRunner().invoke(app, ["--repeats", "1", *args], terminal_width=200)
+        assert result.exit_code == 2 and message in result.output, result.output
