@@ -66,8 +66,9 @@ def _time_round(
     token or so, the same work for either way, both ways see the same background load, and
     only one set of prefills is paid.
     """
-    # Room for every step of the round to accept everything: no session ends mid-round.
-    params = SamplingParams(max_new_tokens=2 * STEPS_PER_ROUND * (k + 1))
+    # Room for every step of the round to accept everything and one token more: no session
+    # ends within the round (with k = 0 every step commits exactly one token).
+    params = SamplingParams(max_new_tokens=2 * STEPS_PER_ROUND * (k + 1) + 1)
 
     def propose(session_id: str) -> DraftProposal:
         return DraftProposal(session_id=session_id, tokens=_random_ids(rng, engine.vocab_size, k))

@@ -32,11 +32,11 @@ def test_run_verify_bench_reports_each_batch_size():
     ]
     # Tiny target: 2 layers x 2 KV heads x 16 dims x (key, value) x 4 bytes.
     assert result["kv_bytes_per_token"] == 2 * 2 * 16 * 2 * 4
-    # Each session reserves its context (16..64) plus 2 x 8 steps x (k + 1) = 64 new tokens,
-    # less the pending one.
+    # Each session reserves its context (16..64) plus 2 x 8 steps x (k + 1) + 1 = 65 new
+    # tokens, less the pending one.
     per_token = result["kv_bytes_per_token"]
     assert all(
-        (16 + 63) * per_token <= b <= (64 + 63) * per_token for b in result["kv_bytes_per_session"]
+        (16 + 64) * per_token <= b <= (64 + 64) * per_token for b in result["kv_bytes_per_session"]
     )
 
 
@@ -70,3 +70,9 @@ def test_bench_verify_command_names_a_kernel_it_cannot_run():
     ):
         result = CliRunner().invoke(app, ["--repeats", "1", *args], terminal_width=200)
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_run_verify_bench_times_plain_decoding():
+    """k = 0 commits one token a step: the round must still end with every session open."""
+    result = run_verify_bench("tiny", batch_sizes=(2,), k=0, context_range=(16, 32), repeats=1)
+    assert result["k"] == 0 and len(result["batched_s"]) == 1
