@@ -125,10 +125,10 @@ class TargetRunner:
         model_dir_or_model: str | Path | PreTrainedModel,
         dtype: str = "float32",
         device: str = "cpu",
-        linear_kernel: LinearKernel = "auto",
+        linear_kernel: LinearKernel = "default",
     ) -> None:
-        """`linear_kernel` (server.kernels): `auto` prepacks the linears for oneDNN on a CPU
-        float32 target, whose sgemm costs a step per few extra tokens."""
+        """`linear_kernel` (server.kernels): `onednn` (or `auto`) prepacks the linears for
+        oneDNN on a CPU float32 target, whose sgemm costs a step per few extra tokens."""
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         if isinstance(model_dir_or_model, PreTrainedModel):

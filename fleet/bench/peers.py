@@ -42,7 +42,7 @@ class HFPeers:
     context manager so that the weights are released before the next mode loads its own."""
 
     def __init__(
-        self, target_dir: Path, draft_checkpoint: Path, dtype: str, linear_kernel: str = "auto"
+        self, target_dir: Path, draft_checkpoint: Path, dtype: str, linear_kernel: str = "default"
     ) -> None:
         self.target_dir = target_dir
         self.draft_checkpoint = draft_checkpoint

@@ -103,7 +103,7 @@ class BenchConfig(BaseModel):
     sampling: SamplingMix
     max_new_tokens: int
     dtype: Dtype
-    linear_kernel: LinearKernel = "auto"  # the server's and the in-process target's (server/kernels.py)
+    linear_kernel: LinearKernel = "default"  # the server's and the in-process target's (server/kernels.py)
     k_max: int
     threshold: float
     emulate: bool
