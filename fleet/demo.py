@@ -91,12 +91,10 @@ def reference_tokens(
     """What the target alone emits for each prompt, greedy, one prompt at a time, with the
     linear kernels the server uses (server/kernels.py): the claim is about this server's target."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from server.kernels import use_linear_kernel
+    from server.runner import load_reference
 
-    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-    use_linear_kernel(model, linear_kernel, torch.device("cpu"), torch.float32)
+    model = load_reference(target_dir, "float32", linear_kernel)
     outputs = []
     with torch.inference_mode():
         for ids in prompt_ids:

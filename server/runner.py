@@ -181,6 +181,17 @@ class TargetRunner:
         return output.logits[0].float() if logits else None
 
 
+def load_reference(
+    path: str | Path, dtype: str = "float32", linear_kernel: LinearKernel = "default"
+) -> PreTrainedModel:
+    """A checkpoint on CPU computed as the server's target is (dtype, linear kernels) but with
+    transformers' own attention, for `generate`: the target alone that outputs are checked
+    against, since the lossless claim is about this server's target."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    use_linear_kernel(model, linear_kernel, torch.device("cpu"), DTYPES[dtype])
+    return model
+
+
 def _eos_token_ids(model: PreTrainedModel) -> frozenset[int]:
     """The ids that end generation, as `generate()` reads them (generation config first)."""
     eos = getattr(model.generation_config, "eos_token_id", None)

@@ -4,9 +4,9 @@ generation, one request at a time, no MQTT.
 `assisted` is what a user with one machine would pick instead of a fleet: `generate` with the
 draft as `assistant_model` (greedy). `target` is the target alone at batch 1; its greedy tokens
 are the reference every mode's output must equal (the lossless check), computed in the same
-dtype and with the same linear kernels (server/kernels.py) as the verification server. Both stream through a streamer that timestamps every chunk
-of tokens `generate` commits, so their time between tokens is measured the same way as the
-fleet's.
+dtype and with the same linear kernels as the verification server (`load_reference`). Both
+stream through a streamer that timestamps every chunk of tokens `generate` commits, so their
+time between tokens is measured the same way as the fleet's.
 """
 
 import time
@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Self
 
 from fleet.bench.workload import Job, RequestRecord
+from fleet.config import LinearKernel
 from fleet.logging import get_logger
 
 
@@ -42,7 +43,7 @@ class HFPeers:
     context manager so that the weights are released before the next mode loads its own."""
 
     def __init__(
-        self, target_dir: Path, draft_checkpoint: Path, dtype: str, linear_kernel: str = "default"
+        self, target_dir: Path, draft_checkpoint: Path, dtype: str, linear_kernel: LinearKernel = "default"
     ) -> None:
         self.target_dir = target_dir
         self.draft_checkpoint = draft_checkpoint
@@ -62,15 +63,9 @@ class HFPeers:
         self._target = self._draft = None
 
     def _load(self, path: Path):  # -> transformers.PreTrainedModel
-        import torch
-        from transformers import AutoModelForCausalLM
+        from server.runner import load_reference
 
-        from server.kernels import use_linear_kernel
-
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        use_linear_kernel(model, self.linear_kernel, torch.device("cpu"), dtype)
-        return model
+        return load_reference(path, self.dtype, self.linear_kernel)
 
     def run(
         self,
