@@ -48,11 +48,10 @@ class ServerSettings(BaseModel):
     target_model: str = "qwen2.5-coder-1.5b"
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = "cpu"
-    # "onednn" (or "auto": onednn where it runs) prepacks the target's linears for oneDNN on a
-    # CPU float32 target, where MKL's sgemm prices a verification pass of 4 tokens like two of
-    # 3 (server/kernels.py). Opt-in: its primitive cache grows the server's memory per new
-    # pass shape, and that growth is not yet shown to be bounded (docs/reliability.md).
-    linear_kernel: LinearKernel = "default"
+    # "auto" (the default) prepacks the target's linears for oneDNN where that runs (a CPU
+    # float32 target), where MKL's sgemm prices a verification pass of 4 tokens like two of 3
+    # (server/kernels.py); "default" keeps torch's kernels, "onednn" insists on oneDNN.
+    linear_kernel: LinearKernel = "auto"
     k_max: int = Field(8, ge=1, le=64)
     batch_window_ms: float = Field(5.0, ge=0, le=1000)
     idle_timeout_s: float = Field(60.0, gt=0)

@@ -86,7 +86,7 @@ def store_models(home: Path, console: Console) -> FleetModels:
 
 
 def reference_tokens(
-    target_dir: Path, prompt_ids: list[list[int]], max_new_tokens: int, linear_kernel: LinearKernel = "default"
+    target_dir: Path, prompt_ids: list[list[int]], max_new_tokens: int, linear_kernel: LinearKernel = "auto"
 ) -> list[list[int]]:
     """What the target alone emits for each prompt, greedy, one prompt at a time, with the
     linear kernels the server uses (server/kernels.py): the claim is about this server's target."""

@@ -105,7 +105,7 @@ def run_verify_bench(
     context_range: tuple[int, int] = (16, 512),
     repeats: int = 3,
     dtype: str = "float32",
-    linear_kernel: LinearKernel = "default",
+    linear_kernel: LinearKernel = "auto",
     seed: int = 0,
     on_step: Callable[[], None] | None = None,
 ) -> dict:
@@ -178,7 +178,7 @@ def bench_verify(
     k: int = typer.Option(4, "--k", min=0, max=64, help="Drafted tokens per session."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
     linear_kernel: str = typer.Option(
-        "default", "--linear-kernel", help="default, onednn (prepacked; CPU float32) or auto (onednn where it runs)."
+        "auto", "--linear-kernel", help="default, onednn (prepacked; CPU float32) or auto (onednn where it runs)."
     ),
     threads: int = typer.Option(
         0,

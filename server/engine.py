@@ -116,7 +116,7 @@ class Engine:
         *,
         dtype: str = "float32",
         device: str = "cpu",
-        linear_kernel: LinearKernel = "default",
+        linear_kernel: LinearKernel = "auto",
         k_max: int = 8,
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
         max_sessions: int = 64,

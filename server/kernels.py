@@ -16,11 +16,13 @@ The ops used (`mkldnn._reorder_linear_weight`, `mkldnn._linear_pointwise`) are t
 torch's inductor emits for frozen CPU linears; torch is pinned, and `auto` falls back to the
 default kernels wherever they are missing.
 
-Opt-in (the server's default is `default`): oneDNN caches a primitive per input shape, and a
-verification pass's row count changes with every batch. In a 150-s soak on the tiny models
-(tests/test_soak.py, 540 requests) the server grew 18.2 MB with `onednn` against 0.6 MB with
-`default`; oneDNN's cache is an LRU of bounded capacity, but that this growth stops there is
-not yet measured.
+The row counts oneDNN sees are bucketed (`bucket_rows`): torch's oneDNN linear keeps memory
+for every input shape it has run (measured on torch 2.13: about 0.7 MB per distinct row count
+of one 256 x 256 linear, growing without end over 1200 distinct counts, whatever
+ONEDNN_PRIMITIVE_CACHE_CAPACITY or LRU_CACHE_CAPACITY say), and a verification pass's row
+count changes with every batch. Padded to buckets, a second sweep over the same 1200 counts
+added nothing, and the passes of up to 32 sessions at k = 8 (288 rows) meet 49 shapes per
+weight.
 """
 
 from typing import Literal, get_args
@@ -33,6 +35,22 @@ from fleet.logging import get_logger
 LINEAR_KERNELS: tuple[LinearKernel, ...] = get_args(LinearKernel)
 
 log = get_logger(component="kernels")
+
+# A row count is padded to the next m * 2**e with m in [BUCKET_MANTISSA, 2 * BUCKET_MANTISSA):
+# at most 1/BUCKET_MANTISSA more rows, BUCKET_MANTISSA buckets per doubling, and every count up
+# to EXACT_ROWS is its own bucket. Above, padding costs about its share of rows (measured on
+# the 1.5B, one thread, compute-bound from a few rows: 9 rows 0.43 s a pass, padded to 10
+# 0.50 s; 18 -> 20 0.71 -> 0.78 s), so the buckets are fine, and a fleet of up to 16 tokens a
+# pass (one to a few boards, where a pass costs most per token) runs unpadded.
+BUCKET_MANTISSA = 8
+EXACT_ROWS = 2 * BUCKET_MANTISSA
+
+
+def bucket_rows(rows: int) -> int:
+    """The row count oneDNN runs for `rows` rows: rows itself up to EXACT_ROWS, else the next
+    bucket (17 -> 18, 33 -> 36, 100 -> 104, 1000 -> 1024)."""
+    step = 1 << max(0, (rows - 1).bit_length() - BUCKET_MANTISSA.bit_length())
+    return -(-rows // step) * step
 
 
 class PrepackedLinear(torch.nn.Module):
@@ -52,10 +70,15 @@ class PrepackedLinear(torch.nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x `[..., in_features]` -> `[..., out_features]`; oneDNN takes 2-D input."""
+        """x `[..., in_features]` -> `[..., out_features]`; oneDNN takes 2-D input, padded with
+        zero rows to its bucket (`bucket_rows`) and cut back after."""
         rows = x.reshape(-1, self.in_features)
+        count = rows.shape[0]
+        padding = bucket_rows(count) - count
+        if padding:
+            rows = torch.cat([rows, rows.new_zeros(padding, self.in_features)])
         y = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y[:count].reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel=onednn"

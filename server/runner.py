@@ -125,7 +125,7 @@ class TargetRunner:
         model_dir_or_model: str | Path | PreTrainedModel,
         dtype: str = "float32",
         device: str = "cpu",
-        linear_kernel: LinearKernel = "default",
+        linear_kernel: LinearKernel = "auto",
     ) -> None:
         """`linear_kernel` (server.kernels): `onednn` (or `auto`) prepacks the linears for
         oneDNN on a CPU float32 target, whose sgemm costs a step per few extra tokens."""
@@ -182,7 +182,7 @@ class TargetRunner:
 
 
 def load_reference(
-    path: str | Path, dtype: str = "float32", linear_kernel: LinearKernel = "default"
+    path: str | Path, dtype: str = "float32", linear_kernel: LinearKernel = "auto"
 ) -> PreTrainedModel:
     """A checkpoint on CPU computed as the server's target is (dtype, linear kernels) but with
     transformers' own attention, for `generate`: the target alone that outputs are checked

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from fleet.config import ServerSettings
-from server.kernels import PrepackedLinear, onednn_available, resolve_kernel, use_linear_kernel
+from server.kernels import (
+    EXACT_ROWS,
+    PrepackedLinear,
+    bucket_rows,
+    onednn_available,
+    resolve_kernel,
+    use_linear_kernel,
+)
 from server.runner import Segment, TargetRunner
 
 CPU = torch.device("cpu")
@@ -17,7 +24,7 @@ needs_onednn = pytest.mark.skipif(
 
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("rows", [1, 3, 17])
+@pytest.mark.parametrize("rows", [1, 3, 17])  # 2 x 17 = 34 rows run padded to 36
 def test_prepacked_linear_matches_nn_linear(bias: bool, rows: int) -> None:
     torch.manual_seed(rows)
     linear = torch.nn.Linear(64, 96, bias=bias)
@@ -27,6 +34,16 @@ def test_prepacked_linear_matches_nn_linear(bias: bool, rows: int) -> None:
         got = PrepackedLinear(linear)(x)
     assert got.shape == expected.shape == (2, rows, 96)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_row_buckets_bound_the_shapes_onednn_sees() -> None:
+    """oneDNN keeps memory per input shape (server/kernels.py): every row count from 1 to 4096
+    maps to one of under a hundred buckets, none smaller than the rows, at most an eighth more."""
+    buckets = {rows: bucket_rows(rows) for rows in range(1, 4097)}
+    assert all(buckets[rows] == rows for rows in range(1, EXACT_ROWS + 1))
+    assert all(rows <= bucket <= 1.125 * rows for rows, bucket in buckets.items())
+    assert len(set(buckets.values())) <= 96
+    assert all(bucket_rows(bucket) == bucket for bucket in buckets.values())
 
 
 def test_auto_picks_onednn_only_for_a_cpu_float32_target() -> None:
@@ -50,7 +67,7 @@ def test_a_kernel_that_cannot_run_is_refused(kernel: str, dtype: torch.dtype, me
 
 
 def test_settings_refuse_an_unknown_kernel() -> None:
-    assert ServerSettings().linear_kernel == "default"  # oneDNN is opt-in (server/kernels.py)
+    assert ServerSettings().linear_kernel == "auto"  # oneDNN wherever it runs (server/kernels.py)
     with pytest.raises(ValueError, match="linear_kernel"):
         ServerSettings(linear_kernel="fast")  # type: ignore[arg-type]
 

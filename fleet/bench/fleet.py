@@ -242,7 +242,7 @@ def run_fleet_bench(
     sampling: SamplingMix = "mixed",
     max_new_tokens: int = 64,
     dtype: Dtype | None = None,
-    linear_kernel: LinearKernel = "default",
+    linear_kernel: LinearKernel = "auto",
     k_max: int | None = None,
     threshold: float | None = None,
     peer_requests: int = DEFAULT_PEER_REQUESTS,
@@ -858,7 +858,7 @@ def equivalent_command(config: BenchConfig) -> str:
         f"--peer-requests {config.peer_requests}",
         f"--profile {config.profile}" if config.emulate else "--real-drafting",
     ]
-    if config.linear_kernel != "default":
+    if config.linear_kernel != "auto":
         parts.append(f"--linear-kernel {config.linear_kernel}")
     if config.board_step_ms is not None:
         parts.append(f"--board-step-ms {config.board_step_ms:g}")
@@ -922,7 +922,7 @@ def bench_command(
     sampling: Annotated[str, typer.Option("--sampling", help="mixed (half greedy, half sampled), greedy or sampled.")] = "mixed",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, max=4096)] = 64,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Target dtype for every mode [default: bfloat16 for qwen, float32 for tiny].")] = None,
-    linear_kernel: Annotated[str, typer.Option("--linear-kernel", help="Target linears: default, onednn (prepacked; CPU float32) or auto (onednn where it runs).")] = "default",
+    linear_kernel: Annotated[str, typer.Option("--linear-kernel", help="Target linears: default, onednn (prepacked; CPU float32) or auto (onednn where it runs).")] = "auto",
     k_max: Annotated[int | None, typer.Option("--k-max", min=1, max=64, help="Most tokens a board drafts per round.")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", min=0.0, max=1.0, help="Boards stop drafting below this confidence.")] = None,
     peer_requests: Annotated[int, typer.Option("--peer-requests", min=1, help="Greedy requests the in-process peers run.")] = DEFAULT_PEER_REQUESTS,

@@ -43,7 +43,7 @@ class HFPeers:
     context manager so that the weights are released before the next mode loads its own."""
 
     def __init__(
-        self, target_dir: Path, draft_checkpoint: Path, dtype: str, linear_kernel: LinearKernel = "default"
+        self, target_dir: Path, draft_checkpoint: Path, dtype: str, linear_kernel: LinearKernel = "auto"
     ) -> None:
         self.target_dir = target_dir
         self.draft_checkpoint = draft_checkpoint

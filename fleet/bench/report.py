@@ -103,7 +103,9 @@ class BenchConfig(BaseModel):
     sampling: SamplingMix
     max_new_tokens: int
     dtype: Dtype
-    linear_kernel: LinearKernel = "default"  # the server's and the in-process target's (server/kernels.py)
+    # The server's and the in-process target's (server/kernels.py); a report from before the
+    # field ran torch's kernels.
+    linear_kernel: LinearKernel = "default"
     k_max: int
     threshold: float
     emulate: bool
