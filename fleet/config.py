@@ -39,6 +39,9 @@ class BrokerSettings(BaseModel):
 # How the target's linears run (server/kernels.py); a name here so that the bench's
 # configuration takes the same values without importing torch.
 LinearKernel = Literal["auto", "default", "onednn"]
+# oneDNN wherever it runs (a CPU float32 target), torch's kernels elsewhere: the server's, the
+# bench's and every lossless reference's default alike.
+DEFAULT_LINEAR_KERNEL: LinearKernel = "auto"
 
 
 class ServerSettings(BaseModel):
@@ -51,7 +54,7 @@ class ServerSettings(BaseModel):
     # "auto" (the default) prepacks the target's linears for oneDNN where that runs (a CPU
     # float32 target), where MKL's sgemm prices a verification pass of 4 tokens like two of 3
     # (server/kernels.py); "default" keeps torch's kernels, "onednn" insists on oneDNN.
-    linear_kernel: LinearKernel = "auto"
+    linear_kernel: LinearKernel = DEFAULT_LINEAR_KERNEL
     k_max: int = Field(8, ge=1, le=64)
     batch_window_ms: float = Field(5.0, ge=0, le=1000)
     idle_timeout_s: float = Field(60.0, gt=0)

@@ -18,7 +18,13 @@ from rich.live import Live
 from rich.table import Table
 
 from fleet.app import new_request_id
-from fleet.config import DeviceSettings, LinearKernel, ServerSettings, Settings
+from fleet.config import (
+    DEFAULT_LINEAR_KERNEL,
+    DeviceSettings,
+    LinearKernel,
+    ServerSettings,
+    Settings,
+)
 from fleet.local import FleetModels, LocalFleet
 from fleet.protocol import GenerationRequest, GenerationResponse
 
@@ -86,7 +92,7 @@ def store_models(home: Path, console: Console) -> FleetModels:
 
 
 def reference_tokens(
-    target_dir: Path, prompt_ids: list[list[int]], max_new_tokens: int, linear_kernel: LinearKernel = "auto"
+    target_dir: Path, prompt_ids: list[list[int]], max_new_tokens: int, linear_kernel: LinearKernel = DEFAULT_LINEAR_KERNEL
 ) -> list[list[int]]:
     """What the target alone emits for each prompt, greedy, one prompt at a time, with the
     linear kernels the server uses (server/kernels.py): the claim is about this server's target."""

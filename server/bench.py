@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from fleet.config import LinearKernel
+from fleet.config import DEFAULT_LINEAR_KERNEL, LinearKernel
 from fleet.models.store import resolve_model
 from fleet.models.tiny import write_tiny_models
 from fleet.sampling import SamplingParams
@@ -105,7 +105,7 @@ def run_verify_bench(
     context_range: tuple[int, int] = (16, 512),
     repeats: int = 3,
     dtype: str = "float32",
-    linear_kernel: LinearKernel = "auto",
+    linear_kernel: LinearKernel = DEFAULT_LINEAR_KERNEL,
     seed: int = 0,
     on_step: Callable[[], None] | None = None,
 ) -> dict:
@@ -178,7 +178,7 @@ def bench_verify(
     k: int = typer.Option(4, "--k", min=0, max=64, help="Drafted tokens per session."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
     linear_kernel: str = typer.Option(
-        "auto", "--linear-kernel", help="default, onednn (prepacked; CPU float32) or auto (onednn where it runs)."
+        DEFAULT_LINEAR_KERNEL, "--linear-kernel", help="default, onednn (prepacked; CPU float32) or auto (onednn where it runs)."
     ),
     threads: int = typer.Option(
         0,

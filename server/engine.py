@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from fleet.config import LinearKernel
+from fleet.config import DEFAULT_LINEAR_KERNEL, LinearKernel
 from fleet.logging import get_logger
 from fleet.sampling import SamplingParams, SparseDist
 from server.runner import Segment, TargetRunner
@@ -116,7 +116,7 @@ class Engine:
         *,
         dtype: str = "float32",
         device: str = "cpu",
-        linear_kernel: LinearKernel = "auto",
+        linear_kernel: LinearKernel = DEFAULT_LINEAR_KERNEL,
         k_max: int = 8,
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
         max_sessions: int = 64,

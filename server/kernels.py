@@ -76,7 +76,7 @@ class PrepackedLinear(torch.nn.Module):
         count = rows.shape[0]
         padding = bucket_rows(count) - count
         if padding:
-            rows = torch.cat([rows, rows.new_zeros(padding, self.in_features)])
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, padding))
         y = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
         return y[:count].reshape(*x.shape[:-1], self.out_features)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
 
-from fleet.config import LinearKernel
+from fleet.config import DEFAULT_LINEAR_KERNEL, LinearKernel
 from server.kernels import use_linear_kernel
 from server.kv import KVShape, SessionKV
 
@@ -125,7 +125,7 @@ class TargetRunner:
         model_dir_or_model: str | Path | PreTrainedModel,
         dtype: str = "float32",
         device: str = "cpu",
-        linear_kernel: LinearKernel = "auto",
+        linear_kernel: LinearKernel = DEFAULT_LINEAR_KERNEL,
     ) -> None:
         """`linear_kernel` (server.kernels): `onednn` (or `auto`) prepacks the linears for
         oneDNN on a CPU float32 target, whose sgemm costs a step per few extra tokens."""
@@ -182,7 +182,7 @@ class TargetRunner:
 
 
 def load_reference(
-    path: str | Path, dtype: str = "float32", linear_kernel: LinearKernel = "auto"
+    path: str | Path, dtype: str = "float32", linear_kernel: LinearKernel = DEFAULT_LINEAR_KERNEL
 ) -> PreTrainedModel:
     """A checkpoint on CPU computed as the server's target is (dtype, linear kernels) but with
     transformers' own attention, for `generate`: the target alone that outputs are checked

@@ -74,7 +74,13 @@ from fleet.bench.workload import (
     time_between_tokens,
     tokens_in_window,
 )
-from fleet.config import DeviceSettings, LinearKernel, ServerSettings, default_home
+from fleet.config import (
+    DEFAULT_LINEAR_KERNEL,
+    DeviceSettings,
+    LinearKernel,
+    ServerSettings,
+    default_home,
+)
 from fleet.local import FleetModels, LocalFleet
 from fleet.logging import get_logger
 from fleet.protocol import GenerationRequest, GenerationResponse
@@ -242,7 +248,7 @@ def run_fleet_bench(
     sampling: SamplingMix = "mixed",
     max_new_tokens: int = 64,
     dtype: Dtype | None = None,
-    linear_kernel: LinearKernel = "auto",
+    linear_kernel: LinearKernel = DEFAULT_LINEAR_KERNEL,
     k_max: int | None = None,
     threshold: float | None = None,
     peer_requests: int = DEFAULT_PEER_REQUESTS,
@@ -858,7 +864,7 @@ def equivalent_command(config: BenchConfig) -> str:
         f"--peer-requests {config.peer_requests}",
         f"--profile {config.profile}" if config.emulate else "--real-drafting",
     ]
-    if config.linear_kernel != "auto":
+    if config.linear_kernel != DEFAULT_LINEAR_KERNEL:
         parts.append(f"--linear-kernel {config.linear_kernel}")
     if config.board_step_ms is not None:
         parts.append(f"--board-step-ms {config.board_step_ms:g}")
@@ -922,7 +928,7 @@ def bench_command(
     sampling: Annotated[str, typer.Option("--sampling", help="mixed (half greedy, half sampled), greedy or sampled.")] = "mixed",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, max=4096)] = 64,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Target dtype for every mode [default: bfloat16 for qwen, float32 for tiny].")] = None,
-    linear_kernel: Annotated[str, typer.Option("--linear-kernel", help="Target linears: default, onednn (prepacked; CPU float32) or auto (onednn where it runs).")] = "auto",
+    linear_kernel: Annotated[str, typer.Option("--linear-kernel", help="Target linears: default, onednn (prepacked; CPU float32) or auto (onednn where it runs).")] = DEFAULT_LINEAR_KERNEL,
     k_max: Annotated[int | None, typer.Option("--k-max", min=1, max=64, help="Most tokens a board drafts per round.")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", min=0.0, max=1.0, help="Boards stop drafting below this confidence.")] = None,
     peer_requests: Annotated[int, typer.Option("--peer-requests", min=1, help="Greedy requests the in-process peers run.")] = DEFAULT_PEER_REQUESTS,

@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Self
 
 from fleet.bench.workload import Job, RequestRecord
-from fleet.config import LinearKernel
+from fleet.config import DEFAULT_LINEAR_KERNEL, LinearKernel
 from fleet.logging import get_logger
 
 
@@ -43,7 +43,7 @@ class HFPeers:
     context manager so that the weights are released before the next mode loads its own."""
 
     def __init__(
-        self, target_dir: Path, draft_checkpoint: Path, dtype: str, linear_kernel: LinearKernel = "auto"
+        self, target_dir: Path, draft_checkpoint: Path, dtype: str, linear_kernel: LinearKernel = DEFAULT_LINEAR_KERNEL
     ) -> None:
         self.target_dir = target_dir
         self.draft_checkpoint = draft_checkpoint
