@@ -48,13 +48,6 @@ from fleet.protocol import (
 STATUS_PERIOD_S = 5.0
 OPEN_RETRIES = 5
 RESYNC_LIMIT = 8
-# A board whose sessions the server has decoded alone for this many verdicts in a row stops
-# keeping its draft cache up with them (`Drafter.keep_up`): the server has found that
-# speculation does not pay at its load, and its drafting probes come seldom (every 8 passes
-# at first, then ever more rarely while plain decoding keeps winning: server/speculation.py).
-# The hand-overs drafting comes back from within a few passes (a plain probe is 3) stay
-# covered. The backlog then waits for the next draft, which catches it up in one pass.
-KEEP_UP_ROUNDS = 16
 
 
 class ServerGone(Exception):
@@ -118,9 +111,6 @@ class BoardAgent:
         # session opens without a draft: k_max drafted blind is what an overloaded server can
         # least afford, and the opening verdict already carries the server's k.
         self.last_next_k: int | None = 0
-        # Verdicts in a row, across this board's sessions, that suggested k = 0 (see
-        # KEEP_UP_ROUNDS): while it stays below that, the board keeps its draft cache up.
-        self.handed_over_rounds = 0
         self._started = time.monotonic()
         self._stopping = threading.Event()
         self.pool = ThreadPoolExecutor(
@@ -496,13 +486,7 @@ class Generation:
         device = self.agent.settings.device
         deadline = time.monotonic() + device.verdict_timeout_s
         ahead = device.pipeline and not device.server_decodes
-        if self.agent.handed_over_rounds < KEEP_UP_ROUNDS:
-            # With no draft out, the wait is the cheapest time for it. In a long hand-over the
-            # board does nothing: on a machine that emulates the fleet, 32 boards keeping up
-            # made the server's plain passes 3-13% dearer through the shared memory system
-            # (docs/benchmarks.md), and a real board would spend that energy on tokens it
-            # may never draft from.
-            self.drafter.keep_up()
+        self.drafter.keep_up()  # with no draft out, the wait is the cheapest time for it
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -534,7 +518,6 @@ class Generation:
             drafted, verdict.accepted, len(verdict.tokens), drafted - batch.fresh if batch is not None else 0
         )
         self.next_k = self.agent.last_next_k = verdict.next_k
-        self.agent.handed_over_rounds = self.agent.handed_over_rounds + 1 if verdict.next_k == 0 else 0
         self.generated.extend(verdict.tokens)
         with self.agent._lock:
             self.agent._committed_total += len(verdict.tokens)

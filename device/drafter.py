@@ -128,8 +128,7 @@ class Drafter:
         to draft again, their drafts came in out of step and split the batch (16 emulated boards:
         passes of 2-12 sessions of 16 for the first rounds of a window). Fed in passes of a few
         tokens meanwhile, the backlog costs about one drafted token's time per `KEEP_UP_TOKENS`
-        tokens the server commits. The board stops calling it in a long hand-over
-        (`device.agent.KEEP_UP_ROUNDS`)."""
+        tokens the server commits."""
         if len(self._unfed) >= KEEP_UP_TOKENS:
             self.catch_up()
 

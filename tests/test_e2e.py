@@ -16,8 +16,6 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device.agent import KEEP_UP_ROUNDS
-from device.drafter import KEEP_UP_TOKENS
 from fleet.config import DeviceSettings, ServerSettings
 from fleet.local import APP_ID, FleetModels, LocalFleet
 from fleet.protocol import DraftMessage, GenerationRequest, Topics, decode_verdict, encode
@@ -186,35 +184,6 @@ def test_k_zero_hands_decoding_to_the_server_and_back(
             assert response.stats.drafted == (0 if index else response.stats.drafted) <= 6
             assert response.stats.verifications == NEW_TOKENS - response.stats.accepted
     assert not [e for e in logs if e["log_level"] in ("warning", "error")]
-
-
-def test_a_board_handed_over_for_long_stops_feeding_its_draft_cache(
-    fleet_models: FleetModels, references: dict[str, list[int]], tmp_path: Path
-) -> None:
-    """While the server decodes alone, a board keeps its draft cache up only for the first
-    KEEP_UP_ROUNDS verdicts in a row; after that its sessions feed nothing (not even the
-    prompt of the next one), so that a fleet handed over does no draft work at all."""
-    fleet = LocalFleet(
-        models=fleet_models, workdir=tmp_path, devices=["board-1"],
-        server=ServerSettings(k_max=8, speculation="off"), device=DeviceSettings(k_max=6),
-    )
-    assert NEW_TOKENS > KEEP_UP_ROUNDS + 2 * KEEP_UP_TOKENS  # the first request outlasts it
-    fed = []
-    with fleet:
-        agent = fleet.agents["board-1"]
-        for index, prompt in enumerate(PROMPTS[:2]):
-            request = GenerationRequest(request_id=f"left-{index}", prompt=prompt, max_new_tokens=NEW_TOKENS)
-            response = fleet.app.generate("board-1", request, timeout_s=120)
-            assert response.error is None, response.error
-            assert response.tokens == references[prompt]
-            runner = agent._idle_runners.get(timeout=5)  # the one runner, back from the request
-            fed.append((runner.length, len(agent.tokenizer.encode(prompt).ids)))
-            agent._idle_runners.put(runner)
-        assert agent.handed_over_rounds >= 2 * (NEW_TOKENS - 1)
-    (first, first_prompt), (second, _) = fed
-    # The first request fed its prompt and what the server decoded in the first rounds only.
-    assert first_prompt <= first <= first_prompt + KEEP_UP_ROUNDS + KEEP_UP_TOKENS
-    assert second == 0
 
 
 def test_draft_cpus_hold_only_the_threads_that_draft(
