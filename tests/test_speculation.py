@@ -16,6 +16,7 @@ from server.speculation import (
     LOAD_SUPPORT,
     LOAD_SUPPORT_SHARE,
     PROBE_FIRST,
+    PROBE_MAX,
     PROBE_PASSES,
     REALIZED_MIN,
     SWITCH_MARGIN,
@@ -621,6 +622,53 @@ def test_a_fresh_server_decodes_plain_until_drafting_is_measured() -> None:
         policy.observe_batch(k + 1, float(GPU.seconds(k + 1)), drafted=k)
         chosen.append(k > 0)
     assert chosen == [False] * PROBE_FIRST + [True] * 6, chosen
+
+
+def _lone_session(
+    policy: SpeculationPolicy, passes: int, advantage: float, pending: int = 1, at: float = 0.0
+) -> tuple[list[bool], float]:
+    """One session whose board drafts well, on a flat server (the model says drafting pays),
+    driven as the service drives the policy; a plain pass takes 0.05 s and commits 1 token a
+    session, a drafting one commits k + 1 for the drafter at `advantage` times that rate.
+    `pending` open sessions in all (the others unknown to the policy), from `at` on. Returns,
+    per pass, whether it drafted, and when the last pass ended."""
+    drafted_in = []
+    for _ in range(passes):
+        policy.observe_verdict("b/s", "b", 4, 4, draft_ms=1.0, rtt_s=0.001)
+        k = policy.next_k("b/s", pending_sessions=pending)
+        at += 0.05 * (k + 1) / advantage if k else 0.05
+        policy.observe_batch(k + pending, float(GPU.seconds(k + pending)), k, k + pending, pending, at)
+        drafted_in.append(k > 0)
+    return drafted_in, at
+
+
+@pytest.mark.parametrize("far", [True, False])
+def test_a_probe_that_finds_its_kind_far_behind_waits_the_longest_interval(far: bool) -> None:
+    """Drafting rounds that deliver four times what plain ones do (`far`): after the first
+    plain probe confirms it, the next comes only PROBE_MAX passes later. Where they deliver
+    a tenth more, the interval only doubles."""
+    policy = SpeculationPolicy(K_MAX, prior_load=GPU)
+    drafted_in, _ = _lone_session(policy, PROBE_FIRST + PROBE_MAX + 4 * PROBE_FIRST, 4.0 if far else 1.1)
+    plain_after = [n for n, drafted in enumerate(drafted_in) if not drafted and n > PROBE_FIRST]
+    first_probe = plain_after[:PROBE_PASSES]
+    assert first_probe == list(range(first_probe[0], first_probe[0] + PROBE_PASSES)), drafted_in
+    after_it = [n for n in plain_after if n > first_probe[-1]]
+    gap = after_it[0] - first_probe[-1] - 1
+    assert gap == (PROBE_MAX if far else 2 * PROBE_FIRST), drafted_in
+
+
+def test_the_probe_interval_starts_again_when_the_load_moves() -> None:
+    """Drafting rounds that deliver far less than plain ones at one session: the plan decodes
+    plain and its drafting probe confirms that, so the next waits PROBE_MAX passes; when the
+    open sessions triple, what one session showed no longer holds it back, and drafting is
+    probed within PROBE_FIRST passes."""
+    policy = SpeculationPolicy(K_MAX, prior_load=GPU)
+    opening, at = _lone_session(policy, 3 * PROBE_FIRST, advantage=0.2)
+    assert opening.count(True) == PROBE_PASSES and not any(opening[-PROBE_FIRST:]), opening
+    alone, at = _lone_session(policy, PROBE_FIRST, advantage=0.2, at=at)
+    assert not any(alone), alone
+    tripled, _ = _lone_session(policy, PROBE_FIRST, advantage=0.2, pending=3, at=at)
+    assert any(tripled), tripled
 
 
 FOUR = [f"b{i}/s" for i in range(4)]
