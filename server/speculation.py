@@ -385,9 +385,15 @@ def plain_delivers_more(drafting: Delivered | None, plain: Delivered | None) -> 
     standard error, 4 boards in float32 were handed over after 3 drafting passes that
     delivered 1.14 +- 0.25 tokens/s a session against plain's 1.48, where every fixed k from
     2 to 6 beat the server alone (twelfth run). False until both kinds have been measured."""
-    if drafting is None or plain is None:
+    return _more_beyond_noise(plain, drafting)
+
+
+def _more_beyond_noise(more: Delivered | None, less: Delivered | None) -> bool:
+    """Whether `more` delivered more than `less` by `HANDOVER_ERRORS` standard errors of the
+    difference; False until both have been measured."""
+    if more is None or less is None:
         return False
-    return plain.rate - drafting.rate >= HANDOVER_ERRORS * math.hypot(drafting.error, plain.error)
+    return more.rate - less.rate >= HANDOVER_ERRORS * math.hypot(more.error, less.error)
 
 
 def delivers_far_more(chosen: Delivered | None, probed: Delivered | None) -> bool:
@@ -400,8 +406,7 @@ def delivers_far_more(chosen: Delivered | None, probed: Delivered | None) -> boo
     both kinds have been measured."""
     if chosen is None or probed is None:
         return False
-    gap = chosen.rate - probed.rate
-    return gap >= PROBE_FAR_BEHIND * probed.rate and gap >= HANDOVER_ERRORS * math.hypot(chosen.error, probed.error)
+    return chosen.rate >= (1 + PROBE_FAR_BEHIND) * probed.rate and _more_beyond_noise(chosen, probed)
 
 
 # --- one session --------------------------------------------------------------------------------
@@ -849,10 +854,7 @@ class SpeculationPolicy:
                 ),
                 outdone,
                 plain_unmeasured=plain_rounds is None and drafting is not None,
-                far_behind={
-                    True: delivers_far_more(plain_rounds, drafting),
-                    False: delivers_far_more(drafting, plain_rounds),
-                },
+                delivered={True: drafting, False: plain_rounds},
                 load=pending_sessions,
             )
             self._plan = dict(zip(keys, ks, strict=True))
@@ -872,7 +874,7 @@ class SpeculationPolicy:
         drafting: Callable[[], list[int]],
         outdone: bool,
         plain_unmeasured: bool,
-        far_behind: dict[bool, bool],
+        delivered: dict[bool, Delivered | None],
         load: int,
     ) -> list[int]:
         """The plan, or for `PROBE_PASSES` passes the other kind of round: plain decoding
@@ -884,8 +886,8 @@ class SpeculationPolicy:
         `PROBE_FIRST` passes of one kind; each probe that leaves the choice as it was doubles
         that (up to `PROBE_MAX`), one that changes it starts again from `PROBE_FIRST`: quick to
         find the better kind, then rarely paying for a look at the worse. A probe whose kind
-        delivered far less than the chosen one (`far_behind`, by kind, drafting True: what
-        `delivers_far_more` says of the rounds measured at this load) sets it to `PROBE_MAX`
+        delivered far less than the chosen one (`delivers_far_more`, of what each kind delivered
+        at this load: `delivered`, drafting True) sets it to `PROBE_MAX`
         at once, and a load that moves (`load`, the open sessions, no longer `same_load` as
         where the interval was set) sets it back to `PROBE_FIRST`: what one load showed
         says little of another's. Until a drafting
@@ -939,7 +941,9 @@ class SpeculationPolicy:
             if not kept:
                 self._probe_every = PROBE_FIRST
             else:
-                grown = PROBE_MAX if far_behind[self._probe_drafts] else 2 * self._probe_every
+                probed = self._probe_drafts
+                far = delivers_far_more(delivered[not probed], delivered[probed])
+                grown = PROBE_MAX if far else 2 * self._probe_every
                 self._probe_every = min(PROBE_MAX, grown)
             self._probe_load = load
             self._probe_drafts = None
