@@ -111,6 +111,9 @@ class BoardAgent:
         # session opens without a draft: k_max drafted blind is what an overloaded server can
         # least afford, and the opening verdict already carries the server's k.
         self.last_next_k: int | None = 0
+        # Whether the last verdict asked this board to keep its draft cache fed while it waits
+        # with no draft out (a new session's open included): no for most of a long hand-over.
+        self.last_keep_up = True
         self._started = time.monotonic()
         self._stopping = threading.Event()
         self.pool = ThreadPoolExecutor(
@@ -298,6 +301,7 @@ class Generation:
         self.round_trips = 0
         # A new session's first draft follows the servers' latest suggestion to this board.
         self.next_k: int | None = agent.last_next_k
+        self.keep_up = agent.last_keep_up
         self.draft_ms = 0.0
         self.catch_up_ms = 0.0
 
@@ -486,7 +490,8 @@ class Generation:
         device = self.agent.settings.device
         deadline = time.monotonic() + device.verdict_timeout_s
         ahead = device.pipeline and not device.server_decodes
-        self.drafter.keep_up()  # with no draft out, the wait is the cheapest time for it
+        if self.keep_up:
+            self.drafter.keep_up()  # with no draft out, the wait is the cheapest time for it
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -518,6 +523,7 @@ class Generation:
             drafted, verdict.accepted, len(verdict.tokens), drafted - batch.fresh if batch is not None else 0
         )
         self.next_k = self.agent.last_next_k = verdict.next_k
+        self.keep_up = self.agent.last_keep_up = verdict.keep_up
         self.generated.extend(verdict.tokens)
         with self.agent._lock:
             self.agent._committed_total += len(verdict.tokens)

@@ -458,6 +458,7 @@ class VerificationService:
 
     def _publish_verdict(self, route: Route, message: DraftMessage, verdict: Verdict, pending: int) -> None:
         next_k = None if route.server_decodes else self.speculation.next_k(route.key, pending)
+        keep_up = next_k is not None and self.speculation.keep_up(route.key)
         route.returning = route.pushing and bool(next_k) and verdict.error_code is None
         route.pushing = next_k == 0 and verdict.error_code is None
         payload = encode(
@@ -471,6 +472,7 @@ class VerificationService:
                 finished=verdict.finished,
                 reason=verdict.reason,
                 next_k=next_k,
+                keep_up=keep_up,
                 error_code=verdict.error_code,
                 error=verdict.error,
             ),

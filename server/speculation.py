@@ -29,7 +29,7 @@ import heapq
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -88,6 +88,12 @@ PROBE_PASSES = 3
 # beyond HANDOVER_ERRORS standard errors: `delivers_far_more`) sets the interval to PROBE_MAX
 # at once; the interval starts again from PROBE_FIRST when the load moves (see _probe).
 PROBE_FAR_BEHIND = 0.25
+# Boards keep their draft caches fed while no draft is out (the verdict's `keep_up`) only while
+# they draft, or a drafting probe that would have them draft is at most this many passes away:
+# enough for a board to feed a prompt and a hand-over's tokens before it drafts, so the probe's
+# drafts come in step, and no ONNX work beside the server's passes for the rest of a long
+# hand-over (see SpeculationPolicy.keep_up).
+KEEP_UP_AHEAD = 8
 # A plan drafts only a batch of tokens the load fit has measured: at least LOAD_SUPPORT recent
 # passes of LOAD_SUPPORT_SHARE of its tokens or more (see SpeculationPolicy._probe).
 LOAD_SUPPORT = 3
@@ -770,10 +776,12 @@ class SpeculationPolicy:
         self._chosen_before_probe = False
         self._probe_every = PROBE_FIRST
         self._probe_load: int | None = None  # the open sessions the interval was set at
+        self._drafting_in = 0  # plain passes left before the next drafting probe (0: drafting)
         # Handed over because plain rounds delivered at least as much (see _probe): held so
         # until a drafting probe has measured drafting again.
         self._outdone = False
         self._plan: dict[str, int] = {}
+        self._may_draft: dict[str, int] = {}  # each session's k in the last drafting-probe plan
         self._planned_for = 0  # the pending_sessions the plan was made for
         self._drafting = False  # whether the plan of the last pass had any session draft
         self.log = get_logger(component="speculation")
@@ -846,12 +854,14 @@ class SpeculationPolicy:
             cut = cut_plan(estimates, ks, cost, plain, typical, plain_cost, limit, margin)
             drafting, plain_rounds = (self.realized.estimate(kind, pending_sessions) for kind in (True, False))
             outdone = plain_delivers_more(drafting, plain_rounds)
+            # Drafting as the plan would choose it if both kinds cost the same: what a drafting
+            # probe drafts, and which boards may be asked to draft soon (`keep_up`).
+            optimistic = plan_batch(estimates, plain_cost, self.k_max, plain, typical, hand_off_margin=SWITCH_MARGIN)
+            self._may_draft = dict(zip(keys, optimistic, strict=True))
             ks = self._probe(
                 ks,
                 cut,
-                lambda: plan_batch(
-                    estimates, plain_cost, self.k_max, plain, typical, hand_off_margin=SWITCH_MARGIN
-                ),
+                optimistic,
                 outdone,
                 plain_unmeasured=plain_rounds is None and drafting is not None,
                 delivered={True: drafting, False: plain_rounds},
@@ -871,7 +881,7 @@ class SpeculationPolicy:
         self,
         ks: list[int],
         measured: list[int] | None,
-        drafting: Callable[[], list[int]],
+        drafting: list[int],
         outdone: bool,
         plain_unmeasured: bool,
         delivered: dict[bool, Delivered | None],
@@ -932,7 +942,7 @@ class SpeculationPolicy:
         chosen = any(ks)
         if self._probe_left:
             self._probe_left -= 1
-            return drafting() if self._probe_drafts else [0] * len(ks)
+            return drafting if self._probe_drafts else [0] * len(ks)
         if self._probe_drafts is not None:  # the first plan after a probe
             # Against what the plan wants now: a drafting probe that found a plain plan's
             # batch worth drafting has changed the choice, even while the batch is still
@@ -949,11 +959,26 @@ class SpeculationPolicy:
             self._probe_drafts = None
         early = chosen and plain_unmeasured
         every = PROBE_FIRST if unmeasured else self._probe_every
-        if self.load.passes_since(not chosen) < every and not early:
+        since = self.load.passes_since(not chosen)
+        self._drafting_in = 0 if chosen else max(0, every - since)
+        if since < every and not early:
             return ks
         self._probe_drafts, self._chosen_before_probe = not chosen, chosen
         self._probe_left = PROBE_PASSES - 1
-        return drafting() if self._probe_drafts else [0] * len(ks)
+        return drafting if self._probe_drafts else [0] * len(ks)
+
+    def keep_up(self, session_key: str) -> bool:
+        """Whether this session's board should keep its draft cache fed while no draft is out
+        (asked after `next_k`, for the same verdict): while it drafts, and while a drafting
+        probe would have it draft (priced as plain passes: `_may_draft`) and that probe is
+        under way or at most `KEEP_UP_AHEAD` passes off. Fed all along, the boards' ONNX passes
+        ran beside every pass of a fleet handed over for good; never fed, a board met the next
+        drafting plan with its whole backlog and its draft came out of step
+        (docs/speculation.md, "Keeping draft caches up")."""
+        if self._suggested.get(session_key):
+            return True
+        near = self._probe_drafts is not None or self._drafting_in <= KEEP_UP_AHEAD
+        return near and bool(self._may_draft.get(session_key))
 
     def draft_due_s(self, session_key: str) -> float | None:
         """Seconds from this session's last verdict to its next draft reaching the server, as
@@ -970,6 +995,7 @@ class SpeculationPolicy:
         """The session ended; its board's and the fleet's estimators keep what it showed."""
         self._sessions.pop(session_key, None)
         self._plan.pop(session_key, None)
+        self._may_draft.pop(session_key, None)
         self._suggested.pop(session_key, None)
 
     def alpha(self, session_key: str) -> float | None:
@@ -991,6 +1017,9 @@ class FixedSpeculation(SpeculationPolicy):
     def _suggest(self, session_key: str, pending_sessions: int) -> int:
         return self.k_max
 
+    def keep_up(self, session_key: str) -> bool:
+        return True  # it always drafts
+
 
 class NoSpeculation(SpeculationPolicy):
     """Always 0: the server decodes every session itself, boards draft nothing (an operator's
@@ -998,6 +1027,9 @@ class NoSpeculation(SpeculationPolicy):
 
     def _suggest(self, session_key: str, pending_sessions: int) -> int:
         return 0
+
+    def keep_up(self, session_key: str) -> bool:
+        return False  # no draft will follow
 
 
 def make_policy(kind: PolicyKind, k_max: int) -> SpeculationPolicy:

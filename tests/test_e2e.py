@@ -16,6 +16,7 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from device.drafter import Drafter
 from fleet.config import DeviceSettings, ServerSettings
 from fleet.local import APP_ID, FleetModels, LocalFleet
 from fleet.protocol import DraftMessage, GenerationRequest, Topics, decode_verdict, encode
@@ -164,10 +165,20 @@ def test_bad_input_gets_errors_and_disturbs_no_one(
 
 
 def test_k_zero_hands_decoding_to_the_server_and_back(
-    fleet_models: FleetModels, references: dict[str, list[int]], tmp_path: Path
+    fleet_models: FleetModels, references: dict[str, list[int]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A verdict suggesting k = 0 makes the server decode on its own (pushed verdicts, no
-    drafts); the output is still the target's. With `speculation = "off"` it never hands back."""
+    drafts); the output is still the target's. With `speculation = "off"` it never hands back,
+    and its verdicts tell the board not to keep its draft cache up: only the first open, before
+    any verdict, feeds it."""
+    feeds: list[int] = []
+    keep_up = Drafter.keep_up
+
+    def counted(drafter: Drafter) -> None:
+        feeds.append(drafter.committed_length)
+        keep_up(drafter)
+
+    monkeypatch.setattr(Drafter, "keep_up", counted)
     fleet = LocalFleet(
         models=fleet_models, workdir=tmp_path, devices=["board-1"],
         server=ServerSettings(k_max=8, speculation="off"),
@@ -184,6 +195,7 @@ def test_k_zero_hands_decoding_to_the_server_and_back(
             assert response.stats.drafted == (0 if index else response.stats.drafted) <= 6
             assert response.stats.verifications == NEW_TOKENS - response.stats.accepted
     assert not [e for e in logs if e["log_level"] in ("warning", "error")]
+    assert len(feeds) == 1, feeds
 
 
 def test_draft_cpus_hold_only_the_threads_that_draft(

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.speculation import (
+    KEEP_UP_AHEAD,
     LOAD_SUPPORT,
     LOAD_SUPPORT_SHARE,
     PROBE_FIRST,
@@ -24,6 +25,7 @@ from server.speculation import (
     FixedSpeculation,
     LoadEstimator,
     LoadModel,
+    NoSpeculation,
     RealizedRates,
     SessionEstimate,
     SessionEstimator,
@@ -625,17 +627,25 @@ def test_a_fresh_server_decodes_plain_until_drafting_is_measured() -> None:
 
 
 def _lone_session(
-    policy: SpeculationPolicy, passes: int, advantage: float, pending: int = 1, at: float = 0.0
+    policy: SpeculationPolicy,
+    passes: int,
+    advantage: float,
+    pending: int = 1,
+    at: float = 0.0,
+    kept_up: list[bool] | None = None,
 ) -> tuple[list[bool], float]:
     """One session whose board drafts well, on a flat server (the model says drafting pays),
     driven as the service drives the policy; a plain pass takes 0.05 s and commits 1 token a
     session, a drafting one commits k + 1 for the drafter at `advantage` times that rate.
     `pending` open sessions in all (the others unknown to the policy), from `at` on. Returns,
-    per pass, whether it drafted, and when the last pass ended."""
+    per pass, whether it drafted, and when the last pass ended; appends to `kept_up`, per
+    pass, whether the verdict asked the board to keep its draft cache up."""
     drafted_in = []
     for _ in range(passes):
         policy.observe_verdict("b/s", "b", 4, 4, draft_ms=1.0, rtt_s=0.001)
         k = policy.next_k("b/s", pending_sessions=pending)
+        if kept_up is not None:
+            kept_up.append(policy.keep_up("b/s"))
         at += 0.05 * (k + 1) / advantage if k else 0.05
         policy.observe_batch(k + pending, float(GPU.seconds(k + pending)), k, k + pending, pending, at)
         drafted_in.append(k > 0)
@@ -669,6 +679,36 @@ def test_the_probe_interval_starts_again_when_the_load_moves() -> None:
     assert not any(alone), alone
     tripled, _ = _lone_session(policy, PROBE_FIRST, advantage=0.2, pending=3, at=at)
     assert any(tripled), tripled
+
+
+
+def test_boards_keep_their_draft_cache_up_only_while_drafting_is_near() -> None:
+    """Drafting far behind plain decoding: after the first drafting probe the plan waits
+    PROBE_MAX passes for the next. Its board keeps the draft cache up while it drafts and for
+    the KEEP_UP_AHEAD passes before each drafting pass, and not for the rest of the wait."""
+    policy, kept_up = SpeculationPolicy(K_MAX, prior_load=GPU), []
+    drafted_in, _ = _lone_session(policy, 2 * PROBE_FIRST + PROBE_MAX + PROBE_PASSES, 0.2, kept_up=kept_up)
+    drafting = [n for n, drafted in enumerate(drafted_in) if drafted]
+    assert len(drafting) > PROBE_PASSES and drafting[-1] - drafting[0] > PROBE_MAX, drafted_in
+    for n in drafting:
+        assert all(kept_up[max(0, n - KEEP_UP_AHEAD) : n + 1]), (n, kept_up)
+    assert kept_up.count(False) >= PROBE_MAX - KEEP_UP_AHEAD - PROBE_PASSES, kept_up
+    assert not NoSpeculation(K_MAX).keep_up("b/s") and FixedSpeculation(K_MAX).keep_up("b/s")
+
+
+def test_boards_the_plan_would_not_have_draft_even_at_plain_cost_keep_no_cache_up() -> None:
+    """32 sessions on the 2-core CPU server, past its knee: a drafted token costs the batch
+    more than it gains even priced as a plain pass, so the drafting probes plan no drafts, and
+    no board keeps its draft cache up, however near the next probe is."""
+    policy, keys = SpeculationPolicy(K_MAX, prior_load=CPU), [f"b{i}/s" for i in range(32)]
+    kept_up = []
+    for n in range(2 * PROBE_FIRST + PROBE_PASSES):
+        policy.observe_batch(32, float(CPU.seconds(32)), 0, 32, sessions=32, at=0.5 * n)
+        for key in keys:
+            policy.observe_verdict(key, key.split("/")[0], 4, 3, draft_ms=30.0, rtt_s=0.01)
+        assert not any(policy.next_k(key, pending_sessions=32) for key in keys)
+        kept_up += [policy.keep_up(key) for key in keys]
+    assert not any(kept_up)
 
 
 FOUR = [f"b{i}/s" for i in range(4)]

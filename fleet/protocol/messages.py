@@ -98,6 +98,7 @@ class VerdictMessage(_Message):
     finished: bool = False
     reason: Literal["eos", "length", "stop"] | None = None
     next_k: int | None = None
+    keep_up: bool = True
     error_code: str | None = None
     error: str | None = None
 
