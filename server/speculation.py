@@ -776,6 +776,8 @@ class SpeculationPolicy:
         self._chosen_before_probe = False
         self._probe_every = PROBE_FIRST
         self._probe_load: int | None = None  # the open sessions the interval was set at
+        self._passes = 0  # passes observed
+        self._load_moved_at = 0  # passes observed when the load last moved (see _probe)
         self._drafting_in = 0  # plain passes left before the next drafting probe (0: drafting)
         # Handed over because plain rounds delivered at least as much (see _probe): held so
         # until a drafting probe has measured drafting again.
@@ -801,6 +803,7 @@ class SpeculationPolicy:
         and ended `at` (monotonic seconds; now when None); since the previous pass the server
         spent `prefill_s` prefilling the contexts of sessions opened."""
         self.load.observe(total_tokens, verify_s, drafted > 0)
+        self._passes += 1
         # What rounds delivered is judged by the plan this pass was asked for, not by its
         # content (see RealizedRates), nor by the last k each session was told: a session
         # whose draft missed the passes since still holds a k of an older plan, and counted so,
@@ -899,8 +902,8 @@ class SpeculationPolicy:
         delivered far less than the chosen one (`delivers_far_more`, of what each kind delivered
         at this load: `delivered`, drafting True) sets it to `PROBE_MAX`
         at once, and a load that moves (`load`, the open sessions, no longer `same_load` as
-        where the interval was set) sets it back to `PROBE_FIRST`: what one load showed
-        says little of another's. Until a drafting
+        where the interval was set) sets it back to `PROBE_FIRST`, counted from the move, and
+        drops a probe under way: what one load showed says little of another's. Until a drafting
         pass has been measured, the plan decodes plain: speculation must first show that it
         pays on this server (a fresh server's first passes are plain anyway: boards open
         their sessions without a draft). And where drafting rounds have recently delivered
@@ -927,8 +930,12 @@ class SpeculationPolicy:
         the plan decodes plain, and its drafting probe comes after `PROBE_FIRST` passes
         whatever the interval has grown to: the probe measures passes of about that size, and
         a price extrapolated from smaller ones does not send a whole fleet drafting."""
-        if self._probe_load is None or not same_load(load, self._probe_load):
+        if self._probe_load is None:
+            self._probe_load = load
+        elif not same_load(load, self._probe_load):
             self._probe_every, self._probe_load = PROBE_FIRST, load
+            self._load_moved_at = self._passes
+            self._probe_drafts, self._probe_left = None, 0  # it measured another load
         if self._probe_drafts and not self._probe_left:
             self._outdone = False  # the first plan after a drafting probe judges afresh
         if outdone:
@@ -959,7 +966,7 @@ class SpeculationPolicy:
             self._probe_drafts = None
         early = chosen and plain_unmeasured
         every = PROBE_FIRST if unmeasured else self._probe_every
-        since = self.load.passes_since(not chosen)
+        since = min(self.load.passes_since(not chosen), self._passes - self._load_moved_at)
         self._drafting_in = 0 if chosen else max(0, every - since)
         if since < every and not early:
             return ks

@@ -671,15 +671,26 @@ def test_the_probe_interval_starts_again_when_the_load_moves() -> None:
     """Drafting rounds that deliver far less than plain ones at one session: the plan decodes
     plain and its drafting probe confirms that, so the next waits PROBE_MAX passes; when the
     open sessions triple, what one session showed no longer holds it back, and drafting is
-    probed within PROBE_FIRST passes."""
+    probed once PROBE_FIRST passes at the new load have measured what the plan chose there."""
     policy = SpeculationPolicy(K_MAX, prior_load=GPU)
     opening, at = _lone_session(policy, 3 * PROBE_FIRST, advantage=0.2)
     assert opening.count(True) == PROBE_PASSES and not any(opening[-PROBE_FIRST:]), opening
     alone, at = _lone_session(policy, PROBE_FIRST, advantage=0.2, at=at)
     assert not any(alone), alone
-    tripled, _ = _lone_session(policy, PROBE_FIRST, advantage=0.2, pending=3, at=at)
-    assert any(tripled), tripled
+    tripled, _ = _lone_session(policy, PROBE_FIRST + PROBE_PASSES, advantage=0.2, pending=3, at=at)
+    assert not any(tripled[:PROBE_FIRST]) and all(tripled[PROBE_FIRST:]), tripled
 
+
+def test_a_probe_under_way_when_the_load_moves_is_dropped() -> None:
+    """A fresh server's drafting probe starts with the one session of a warm-up request; the
+    fleet's 8 sessions open after its first pass. The probe's other passes are not run at the
+    new load, whose price and rates it never measured (a fresh 8-board fleet ran them as
+    passes of 8 and 13 drafted tokens, the second at 1.7 times a plain pass's cost)."""
+    policy = SpeculationPolicy(K_MAX, prior_load=GPU)
+    warm_up, at = _lone_session(policy, PROBE_FIRST + 1, advantage=0.2)
+    assert warm_up == [False] * PROBE_FIRST + [True], warm_up
+    fleet, _ = _lone_session(policy, PROBE_PASSES - 1, advantage=0.2, pending=8, at=at)
+    assert not any(fleet), fleet
 
 
 def test_boards_keep_their_draft_cache_up_only_while_drafting_is_near() -> None:
