@@ -268,12 +268,14 @@ class LoadEstimator:
         self._samples: deque[tuple[int, float, bool]] = deque(maxlen=window)
         self._models: tuple[LoadModel, LoadModel, LoadModel] | None = (prior, prior, prior)
         self._since = {True: 0, False: 0}  # passes since the last with / without drafts
+        self.passes = 0  # passes observed
 
     def observe(self, total_tokens: int, verify_s: float, drafted: bool = False) -> None:
         if total_tokens < 1 or not verify_s > 0:
             return  # an empty batch or a clock that did not move says nothing about cost
         self._samples.append((total_tokens, verify_s, drafted))
         self._since[drafted], self._since[not drafted] = 0, self._since[not drafted] + 1
+        self.passes += 1
         self._models = None
 
     def measured(self, drafted: bool) -> bool:
@@ -776,8 +778,7 @@ class SpeculationPolicy:
         self._chosen_before_probe = False
         self._probe_every = PROBE_FIRST
         self._probe_load: int | None = None  # the open sessions the interval was set at
-        self._passes = 0  # passes observed
-        self._load_moved_at = 0  # passes observed when the load last moved (see _probe)
+        self._load_moved_at = 0  # `load.passes` when the load last moved (see _probe)
         self._drafting_in = 0  # plain passes left before the next drafting probe (0: drafting)
         # Handed over because plain rounds delivered at least as much (see _probe): held so
         # until a drafting probe has measured drafting again.
@@ -803,7 +804,6 @@ class SpeculationPolicy:
         and ended `at` (monotonic seconds; now when None); since the previous pass the server
         spent `prefill_s` prefilling the contexts of sessions opened."""
         self.load.observe(total_tokens, verify_s, drafted > 0)
-        self._passes += 1
         # What rounds delivered is judged by the plan this pass was asked for, not by its
         # content (see RealizedRates), nor by the last k each session was told: a session
         # whose draft missed the passes since still holds a k of an older plan, and counted so,
@@ -934,7 +934,7 @@ class SpeculationPolicy:
             self._probe_load = load
         elif not same_load(load, self._probe_load):
             self._probe_every, self._probe_load = PROBE_FIRST, load
-            self._load_moved_at = self._passes
+            self._load_moved_at = self.load.passes
             self._probe_drafts, self._probe_left = None, 0  # it measured another load
         if self._probe_drafts and not self._probe_left:
             self._outdone = False  # the first plan after a drafting probe judges afresh
@@ -966,7 +966,7 @@ class SpeculationPolicy:
             self._probe_drafts = None
         early = chosen and plain_unmeasured
         every = PROBE_FIRST if unmeasured else self._probe_every
-        since = min(self.load.passes_since(not chosen), self._passes - self._load_moved_at)
+        since = min(self.load.passes_since(not chosen), self.load.passes - self._load_moved_at)
         self._drafting_in = 0 if chosen else max(0, every - since)
         if since < every and not early:
             return ks
