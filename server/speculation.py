@@ -115,17 +115,42 @@ class LoadModel:
     knee_tokens: float
     c1_s: float
     single_s: float | None = None
+    proportional_past: float | None = None
 
     def __post_init__(self) -> None:
         if self.c0_s <= 0 or self.knee_tokens < 0 or self.c1_s < 0:
             raise ValueError(f"a load model needs c0 > 0, knee >= 0 and c1 >= 0, got {self}")
         if self.single_s is not None and not self.single_s > 0:
             raise ValueError(f"a 1-token pass must cost more than 0 s, got {self.single_s}")
+        if self.proportional_past is not None and not self.proportional_past > 0:
+            raise ValueError(f"a measured size must be more than 0 tokens, got {self.proportional_past}")
 
     def seconds(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=float)
-        batched = self.c0_s + self.c1_s * np.maximum(0.0, tokens - self.knee_tokens)
+        batched = self._line(tokens)
+        if self.proportional_past is not None:
+            # Past the largest size measured, a token costs at least what one cost on average
+            # there (`with_proportional_floor`).
+            measured = self.proportional_past
+            floor = self._line(np.array(measured)) * tokens / measured
+            batched = np.where(tokens > measured, np.maximum(batched, floor), batched)
         return batched if self.single_s is None else np.where(tokens <= 1, self.single_s, batched)
+
+    def _line(self, tokens: np.ndarray) -> np.ndarray:
+        return self.c0_s + self.c1_s * np.maximum(0.0, tokens - self.knee_tokens)
+
+    def with_proportional_floor(self, measured_tokens: float) -> "LoadModel":
+        """This model, with passes larger than `measured_tokens` priced at least in proportion
+        to a pass of that size, where the model puts that size past its knee (compute-bound).
+        A compute-bound pass does the same work per token whatever its size, so extrapolated
+        from smaller passes, a fitted slope can only err by finding tokens cheaper than they
+        are: at 16 boards in float32, a line fitted to passes of 1-21 tokens (knee 3, 0.027 s
+        a token) priced a drafting probe's 32 tokens at 1.38 s; it cost 1.67 s, about 21
+        tokens' worth of 1.09 s scaled up. Below the knee (memory-bound: a GPU's batches, a
+        CPU's smallest ones) nothing changes: there extra tokens really are almost free."""
+        if measured_tokens < 2 or measured_tokens <= self.knee_tokens:
+            return self
+        return dataclasses.replace(self, proportional_past=measured_tokens)
 
 
 # Roofline-shaped prior (past the knee each token costs the floor spread over the knee's
@@ -313,13 +338,15 @@ class LoadEstimator:
                 _scaled(shared, float(np.median(ratio[kind][-SCALE_PASSES:])) if kind.any() else 1.0)
                 for kind in (drafted, ~drafted)
             ]
+            measured = self.supported_tokens()
+            shared, *scaled = (model.with_proportional_floor(measured) for model in (shared, *scaled))
             self._models = (shared, scaled[0], scaled[1])
         return self._models
 
 
 def _scaled(model: LoadModel, factor: float) -> LoadModel:
     single = None if model.single_s is None else model.single_s * factor
-    return LoadModel(model.c0_s * factor, model.knee_tokens, model.c1_s * factor, single)
+    return dataclasses.replace(model, c0_s=model.c0_s * factor, c1_s=model.c1_s * factor, single_s=single)
 
 
 class RealizedRates:
@@ -394,6 +421,20 @@ def plain_delivers_more(drafting: Delivered | None, plain: Delivered | None) -> 
     delivered 1.14 +- 0.25 tokens/s a session against plain's 1.48, where every fixed k from
     2 to 6 beat the server alone (twelfth run). False until both kinds have been measured."""
     return _more_beyond_noise(plain, drafting)
+
+
+def drafting_delivers_less(drafting: Delivered | None, plain: Delivered | None) -> bool:
+    """Whether drafting rounds delivered less per session than plain ones, by any margin:
+    the test a drafting probe must pass before the batch drafts again. Handing over waits
+    for `plain_delivers_more` (noise must not hand a paying session over), but drafting
+    starts again only once it has shown that it beats the server alone: judged by the model
+    alone after each probe, 4 boards in float32, where drafting and plain rounds delivered
+    about the same, swapped between them all window, and each switch cost out-of-step drafts
+    and catch-ups (sled 7.83 tokens/s against server-only's 8.48 and 9.10). False until both
+    kinds have been measured."""
+    if drafting is None or plain is None:
+        return False
+    return drafting.rate < plain.rate
 
 
 def _more_beyond_noise(more: Delivered | None, less: Delivered | None) -> bool:
@@ -778,6 +819,7 @@ class SpeculationPolicy:
         self._chosen_before_probe = False
         self._probe_every = PROBE_FIRST
         self._probe_load: int | None = None  # the open sessions the interval was set at
+        self._intervals: dict[int, int] = {}  # the interval each load left when it moved
         self._load_moved_at = 0  # `load.passes` when the load last moved (see _probe)
         self._drafting_in = 0  # plain passes left before the next drafting probe (0: drafting)
         # Handed over because plain rounds delivered at least as much (see _probe): held so
@@ -902,8 +944,11 @@ class SpeculationPolicy:
         delivered far less than the chosen one (`delivers_far_more`, of what each kind delivered
         at this load: `delivered`, drafting True) sets it to `PROBE_MAX`
         at once, and a load that moves (`load`, the open sessions, no longer `same_load` as
-        where the interval was set) sets it back to `PROBE_FIRST`, counted from the move, and
-        drops a probe under way: what one load showed says little of another's. Until a drafting
+        where the interval was set) sets it to what it was when that load last moved
+        (`PROBE_FIRST` at a load not seen before), counted from the move, and drops a probe
+        under way: what one load showed says little of another's, but much of the same load
+        later (at 4 boards, requests ending two at a time dipped the load to 2 and back every
+        few seconds, and each return started probing again from `PROBE_FIRST`). Until a drafting
         pass has been measured, the plan decodes plain: speculation must first show that it
         pays on this server (a fresh server's first passes are plain anyway: boards open
         their sessions without a draft). And where drafting rounds have recently delivered
@@ -933,11 +978,14 @@ class SpeculationPolicy:
         if self._probe_load is None:
             self._probe_load = load
         elif not same_load(load, self._probe_load):
-            self._probe_every, self._probe_load = PROBE_FIRST, load
+            self._intervals[self._probe_load] = self._probe_every
+            self._probe_every, self._probe_load = self._intervals.get(load, PROBE_FIRST), load
             self._load_moved_at = self.load.passes
             self._probe_drafts, self._probe_left = None, 0  # it measured another load
         if self._probe_drafts and not self._probe_left:
-            self._outdone = False  # the first plan after a drafting probe judges afresh
+            # The first plan after a drafting probe judges afresh, unless the probe's rounds
+            # delivered less than plain ones at this load (`drafting_delivers_less`).
+            self._outdone = drafting_delivers_less(delivered[True], delivered[False])
         if outdone:
             self._outdone = True
         if not self.load.measured(drafted=True) or self._outdone:

@@ -188,6 +188,33 @@ def test_load_estimator_starts_from_the_prior_and_learns() -> None:
     assert estimator.model().knee_tokens == pytest.approx(20, abs=1)
 
 
+def test_passes_past_the_measured_size_cost_at_least_their_share_once_compute_bound() -> None:
+    # A line fitted to small passes of a compute-bound server: 0.6 s plus 0.027 s a token.
+    line = LoadModel(c0_s=0.6, knee_tokens=3.0, c1_s=0.027)
+    bounded = line.with_proportional_floor(21.0)
+    at_21 = float(line.seconds(np.array(21.0)))
+    assert float(bounded.seconds(np.array(32.0))) == pytest.approx(at_21 * 32 / 21)
+    assert float(bounded.seconds(np.array(32.0))) > float(line.seconds(np.array(32.0)))
+    small = np.arange(1.0, 22.0)
+    np.testing.assert_allclose(bounded.seconds(small), line.seconds(small))  # what was measured
+    # Below the knee (memory-bound) extra tokens really are almost free: no floor.
+    assert LoadModel(c0_s=0.02, knee_tokens=256.0, c1_s=1e-4).with_proportional_floor(21.0).proportional_past is None
+    assert line.with_proportional_floor(1.33).proportional_past is None  # one-token passes only
+
+
+def test_load_estimator_prices_a_larger_pass_than_measured_in_proportion() -> None:
+    estimator = LoadEstimator()
+    for _ in range(10):
+        for tokens in (4, 8, 16):
+            estimator.observe(tokens, float(CPU.seconds(tokens) + 0.03 * tokens))
+    drafting, plain = estimator.costs()
+    measured = estimator.supported_tokens()
+    assert measured == pytest.approx(16 / 0.75)
+    for model in (estimator.model(), drafting, plain):
+        at_measured = float(model.seconds(np.array(measured)))
+        assert float(model.seconds(np.array(64.0))) >= at_measured * 64 / measured * (1 - 1e-9)
+
+
 # --- the batch plan -----------------------------------------------------------------------------
 @settings(max_examples=200, deadline=None)
 @given(
@@ -681,6 +708,19 @@ def test_the_probe_interval_starts_again_when_the_load_moves() -> None:
     assert not any(tripled[:PROBE_FIRST]) and all(tripled[PROBE_FIRST:]), tripled
 
 
+def test_a_load_that_returns_keeps_the_interval_it_had() -> None:
+    """One session whose drafting rounds deliver far less than plain ones: its probe sets the
+    interval to PROBE_MAX. The load triples for a while and comes back: the next drafting
+    probe at one session still waits PROBE_MAX passes, counted from the return, instead of
+    starting again from PROBE_FIRST."""
+    policy = SpeculationPolicy(K_MAX, prior_load=GPU)
+    opening, at = _lone_session(policy, 3 * PROBE_FIRST, advantage=0.2)
+    assert opening.count(True) == PROBE_PASSES, opening
+    _, at = _lone_session(policy, 2, advantage=0.2, pending=3, at=at)
+    back, _ = _lone_session(policy, PROBE_MAX + PROBE_PASSES, advantage=0.2, at=at)
+    assert not any(back[:PROBE_MAX]) and all(back[PROBE_MAX:]), back
+
+
 def test_a_probe_under_way_when_the_load_moves_is_dropped() -> None:
     """A fresh server's drafting probe starts with the one session of a warm-up request; the
     fleet's 8 sessions open after its first pass. The probe's other passes are not run at the
@@ -776,6 +816,25 @@ def test_a_hand_over_on_what_rounds_delivered_holds_until_drafting_is_probed() -
         drafted_in.append(sum(ks) > 0)
     assert not any(drafted_in[: PROBE_FIRST - 3]), drafted_in
     assert any(drafted_in), "drafting is probed again"
+
+
+def test_a_drafting_probe_that_delivers_less_than_plain_rounds_leaves_the_batch_handed_over() -> None:
+    """Plain passes commit 4 tokens in 0.2 s; a drafting plan's passes commit 5 or 2 in turn
+    (3.5 on average: less, but within noise of plain's 4). The model says drafting pays, so
+    after its probe the plan would draft on until the 2-standard-error hand-over; instead it
+    decodes plain until the next probe, and each probe that confirms it doubles the interval."""
+    policy = SpeculationPolicy(K_MAX, prior_load=FLAT_SMALL)
+    at, ks, drafted_in = 0.0, [0] * 4, []
+    for n in range(PROBE_FIRST + PROBE_PASSES + 3 * PROBE_FIRST):
+        at += 0.2
+        committed = (5 if n % 2 else 2) if any(ks) else 4
+        ks = _pass(policy, sum(ks), committed=committed, at=at)
+        drafted_in.append(any(ks))
+    probes = [n for n, drafted in enumerate(drafted_in) if drafted]
+    assert len(probes) == 2 * PROBE_PASSES, drafted_in  # two probes, and nothing drafted between
+    first, second = probes[0], probes[PROBE_PASSES]
+    assert probes == [*range(first, first + PROBE_PASSES), *range(second, second + PROBE_PASSES)]
+    assert second - (first + PROBE_PASSES) == 2 * PROBE_FIRST, drafted_in
 
 
 def _warm_up(policy: SpeculationPolicy, passes: int = 5) -> float:
