@@ -109,7 +109,9 @@ class LoadModel:
     token each): flat at `c0_s` while memory-bound, then `c1_s` per token past `knee_tokens`.
     `single_s`, when set, is what a pass over one token costs: a matrix-vector product, which
     CPU BLAS runs on another kernel than the matrix products of two tokens or more (on the
-    AVX2 servers measured, a 1-token pass cost a third of a 2-token one; docs/speculation.md)."""
+    AVX2 servers measured, a 1-token pass cost a third of a 2-token one; docs/speculation.md).
+    `proportional_past`, when set, is the largest size measured: a larger pass costs at least
+    a pass of that size scaled by its tokens (`with_proportional_floor`)."""
 
     c0_s: float
     knee_tokens: float
@@ -128,11 +130,8 @@ class LoadModel:
     def seconds(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=float)
         batched = self._line(tokens)
-        if self.proportional_past is not None:
-            # Past the largest size measured, a token costs at least what one cost on average
-            # there (`with_proportional_floor`).
-            measured = self.proportional_past
-            floor = self._line(np.array(measured)) * tokens / measured
+        if (measured := self.proportional_past) is not None:
+            floor = self._line(np.asarray(measured)) * tokens / measured
             batched = np.where(tokens > measured, np.maximum(batched, floor), batched)
         return batched if self.single_s is None else np.where(tokens <= 1, self.single_s, batched)
 
@@ -339,8 +338,8 @@ class LoadEstimator:
                 for kind in (drafted, ~drafted)
             ]
             measured = self.supported_tokens()
-            shared, *scaled = (model.with_proportional_floor(measured) for model in (shared, *scaled))
-            self._models = (shared, scaled[0], scaled[1])
+            shared, drafting, plain = (m.with_proportional_floor(measured) for m in (shared, *scaled))
+            self._models = (shared, drafting, plain)
         return self._models
 
 
